@@ -1,0 +1,36 @@
+# The two commands of the README: `make run` (the pipeline on the embedded default data)
+# and `make test` (the test suite). Both set up .venv first, and only when pyproject.toml changed.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup run test ui stop clean help
+
+help:            ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+setup: $(STAMP)  ## create .venv and install the project (skipped when nothing changed)
+
+# torch first and pinned: the CPU build on this machine's disk, not a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+run: setup       ## run the whole pipeline (dvc repro) against a local Prefect server
+	$(PY) -m flows.pipeline
+
+test: setup      ## run the test suite
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+ui: setup        ## start the Prefect and MLflow UIs on 127.0.0.1 and print their URLs
+	$(PY) -m flows.ui start
+
+stop: setup      ## stop the UIs / local Prefect server started by `make run` or `make ui`
+	$(PY) -m flows.ui stop
+
+clean:           ## remove pipeline outputs and local tracking databases (keeps .venv)
+	rm -rf data/*/ mlflow.db mlruns .prefect dvc.lock .cache/downloads

@@ -1,0 +1,189 @@
+"""What every stage shares: params, the MLflow run, the Prefect artifact, outputs, the CLI.
+
+A stage module defines a Prefect `@flow` taking the validated `Params`, and ends with
+
+    if __name__ == "__main__":
+        main(download_flow, "download")
+
+Inside the flow, `with stage_run("download", params) as stage:` opens an MLflow run nested
+under one parent run per pipeline run, tagged with the stage, the git commit and the pipeline-run
+id; `stage.finish(metrics, summary)` writes data/<stage>/metrics.json (DVC metrics), logs the
+metrics and publishes a Prefect markdown artifact that links back to the MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import mlflow
+import psutil
+from mlflow.tracking import MlflowClient
+from prefect import tags
+from prefect.artifacts import create_markdown_artifact
+from prefect.context import get_run_context
+
+from flows.environment import mlflow_tracking_uri, mlflow_ui_url
+from llm.config import ConfigError, Params, flatten, load_params
+from llm.files import write_json
+
+PIPELINE_RUN_ENV = "LLM_PIPELINE_RUN_ID"
+PIPELINE_TAG = "llm.pipeline_run_id"
+STAGE_TAG = "llm.stage"
+
+
+# --- identity of one pipeline run -----------------------------------------------------------
+
+def pipeline_run_id() -> str:
+    """One id shared by every stage of one `dvc repro`.
+
+    `make run` sets LLM_PIPELINE_RUN_ID. A plain `dvc repro` sets nothing, so the id is taken
+    from the `dvc` process that started this stage (its pid and start time), which every stage
+    of the same repro shares. A stage run by hand gets an id of its own.
+    """
+    if os.environ.get(PIPELINE_RUN_ENV):
+        return os.environ[PIPELINE_RUN_ENV]
+    for process in psutil.Process().parents():
+        try:
+            command = " ".join(process.cmdline()[:3])
+            if "dvc" in command and ("repro" in command or "exp" in command):
+                started = time.strftime("%Y%m%d-%H%M%S", time.localtime(process.create_time()))
+                return f"{started}-dvc{process.pid}"
+        except psutil.Error:
+            continue
+    return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+
+
+def git_commit() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return "unknown"
+
+
+# --- MLflow ---------------------------------------------------------------------------------------
+
+def _experiment_id(client: MlflowClient, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    # Artifacts next to the database, whatever directory a stage happens to run in.
+    artifacts = (Path.cwd() / "mlruns").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=artifacts)
+
+
+def _parent_run_id(client: MlflowClient, experiment_id: str, run_id: str) -> str:
+    """The run that groups one pipeline run's stages in the MLflow UI (created by the first stage)."""
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{PIPELINE_TAG}` = '{run_id}' "
+                               f"and tags.`{STAGE_TAG}` = 'pipeline'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    parent = client.create_run(experiment_id, run_name=f"pipeline {run_id}",
+                               tags={PIPELINE_TAG: run_id, STAGE_TAG: "pipeline"})
+    client.set_terminated(parent.info.run_id, "FINISHED")
+    return parent.info.run_id
+
+
+class Stage:
+    """Handle passed to a stage's code: where to write, and how to log."""
+
+    def __init__(self, name: str, params: Params, run: mlflow.ActiveRun, pipeline_id: str):
+        self.name = name
+        self.params = params
+        self.run = run
+        self.pipeline_id = pipeline_id
+        self.out_dir = Path("data") / name
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"{mlflow_ui_url()}/#/experiments/{self.run.info.experiment_id}/runs/{self.run.info.run_id}"
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        mlflow.log_artifact(str(path), artifact_path)
+
+    def finish(self, metrics: dict[str, Any], summary: str) -> dict[str, Any]:
+        """Write metrics.json, log its numbers to MLflow, publish the Prefect artifact."""
+        write_json(self.out_dir / "metrics.json", metrics)
+        numbers = {k: v for k, v in flatten_dict(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.log_metrics(numbers)
+        markdown = (f"# {self.name}\n\n{summary}\n\nMLflow run: [{self.run.info.run_id}]({self.mlflow_url})  \n"
+                    f"Pipeline run: `{self.pipeline_id}`\n")
+        create_markdown_artifact(markdown, key=f"{self.name}-summary", description=f"{self.name} stage summary")
+        return metrics
+
+
+def flatten_dict(data: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            flat.update(flatten_dict(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+@contextlib.contextmanager
+def stage_run(name: str, params: Params, system_metrics: bool = False) -> Iterator[Stage]:
+    """An MLflow run for one stage, nested under its pipeline run; marks it failed on error."""
+    mlflow.set_tracking_uri(mlflow_tracking_uri())
+    client = MlflowClient()
+    experiment_id = _experiment_id(client, params.project.experiment)
+    pipeline_id = pipeline_run_id()
+    run_tags = {STAGE_TAG: name, PIPELINE_TAG: pipeline_id, "mlflow.source.git.commit": git_commit()}
+    with contextlib.suppress(Exception):  # outside a flow run (a unit test), there is no id to record
+        run_tags["prefect.flow_run_id"] = str(get_run_context().flow_run.id)
+    parent = _parent_run_id(client, experiment_id, pipeline_id)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name, parent_run_id=parent, nested=True,
+                          tags=run_tags, log_system_metrics=system_metrics) as run:
+        mlflow.log_params({**flatten(params.project, "project"), **_section_params(params, name)})
+        yield Stage(name, params, run, pipeline_id)
+
+
+def _section_params(params: Params, name: str) -> dict[str, Any]:
+    section = getattr(params, name, None)
+    if section is None:
+        return {}
+    flat = flatten(section, name)
+    # MLflow caps a param value at 6000 characters; long lists are better read in params.yaml.
+    return {k: (str(v)[:500] if v is not None else "") for k, v in flat.items()}
+
+
+# --- the command line of every stage --------------------------------------------------------
+
+def main(flow: Callable[[Params], Any], name: str, argv: list[str] | None = None) -> None:
+    """`python -m flows.<stage>`: validate params first, then run the flow with pipeline tags."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m flows.{name}",
+        description=f"Run the {name!r} stage as a Prefect flow that logs to MLflow. Normally run by "
+                    f"`dvc repro {name}`; reads its knobs from the `{name}` section of params.yaml.")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params)
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
+    os.environ[PIPELINE_RUN_ENV] = pipeline_id = pipeline_run_id()  # one id for the flow and the MLflow run
+    with tags(f"stage:{name}", f"pipeline:{pipeline_id}"):
+        try:
+            flow(params)
+        except StageError as err:
+            sys.exit(f"error: {name} stage failed: {err}")
+
+
+class StageError(RuntimeError):
+    """A failure the user can fix (bad data, wrong checksum); printed without a traceback."""

