@@ -18,48 +18,25 @@ import contextlib
 import os
 import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import mlflow
-import psutil
 from mlflow.tracking import MlflowClient
 from prefect import tags
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import get_run_context
 
 from flows.environment import mlflow_tracking_uri, mlflow_ui_url
+from flows.run_id import PIPELINE_RUN_ENV, pipeline_run_id
 from llm.config import ConfigError, Params, flatten, load_params
 from llm.files import write_json
 
-PIPELINE_RUN_ENV = "LLM_PIPELINE_RUN_ID"
 PIPELINE_TAG = "llm.pipeline_run_id"
 STAGE_TAG = "llm.stage"
 
 
-# --- identity of one pipeline run -----------------------------------------------------------
-
-def pipeline_run_id() -> str:
-    """One id shared by every stage of one `dvc repro`.
-
-    `make run` sets LLM_PIPELINE_RUN_ID. A plain `dvc repro` sets nothing, so the id is taken
-    from the `dvc` process that started this stage (its pid and start time), which every stage
-    of the same repro shares. A stage run by hand gets an id of its own.
-    """
-    if os.environ.get(PIPELINE_RUN_ENV):
-        return os.environ[PIPELINE_RUN_ENV]
-    for process in psutil.Process().parents():
-        try:
-            command = " ".join(process.cmdline()[:3])
-            if "dvc" in command and ("repro" in command or "exp" in command):
-                started = time.strftime("%Y%m%d-%H%M%S", time.localtime(process.create_time()))
-                return f"{started}-dvc{process.pid}"
-        except psutil.Error:
-            continue
-    return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-
+# --- provenance ---------------------------------------------------------------------------------
 
 def git_commit() -> str:
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import flows  # noqa: F401  (environment defaults)
 from flows import servers
-from flows._stage import PIPELINE_RUN_ENV, pipeline_run_id
+from flows.run_id import PIPELINE_RUN_ENV, pipeline_run_id
 
 
 def repro(args: list[str]) -> int:
