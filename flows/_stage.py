@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -87,7 +88,7 @@ class Stage:
         return f"{mlflow_ui_url()}/#/experiments/{self.run.info.experiment_id}/runs/{self.run.info.run_id}"
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        mlflow.log_metrics({_metric_name(k): float(v) for k, v in metrics.items()}, step=step)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         mlflow.log_artifact(str(path), artifact_path)
@@ -101,6 +102,11 @@ class Stage:
                     f"Pipeline run: `{self.pipeline_id}`\n")
         create_markdown_artifact(markdown, key=f"{self.name}-summary", description=f"{self.name} stage summary")
         return metrics
+
+
+def _metric_name(key: str) -> str:
+    """MLflow allows only letters, digits and _-. :/ in metric names."""
+    return re.sub(r"[^\w\-. :/]", "_", key)
 
 
 def flatten_dict(data: dict, prefix: str = "") -> dict[str, Any]:

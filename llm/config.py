@@ -91,11 +91,31 @@ class DownloadParams(Strict):
         return sources
 
 
+# --- tokenizer and pack ------------------------------------------------------------------------
+
+class TokenizerParams(Strict):
+    kind: Literal["bpe", "unigram", "char"] = "bpe"  # the project's tokenizer (SentencePiece, byte fallback)
+    vocab_size: int = Field(8192, ge=300, le=1 << 20)
+    character_coverage: float = Field(0.9995, gt=0, le=1)
+    max_sentences: int = Field(1_000_000, ge=1000)   # SentencePiece samples at most this many lines
+    heldout_fraction: float = Field(0.02, ge=0, lt=0.5)  # pretraining documents kept out for the comparison
+    compare: bool = True                             # train and measure the other tokenizers too
+    eval_chars: int = Field(1_000_000, ge=1000)      # characters per evaluation set in the comparison
+
+
+class PackParams(Strict):
+    val_fraction: float = Field(0.05, gt=0, lt=0.5)  # documents held out for validation
+    workers: int = Field(0, ge=0)                    # encoding processes; 0 = one per core
+    min_chars: int = Field(1, ge=1)                  # shorter documents are dropped and counted
+
+
 # --- the whole file -------------------------------------------------------------------------
 
 class Params(Strict):
     project: ProjectParams = ProjectParams()
     download: DownloadParams
+    tokenizer: TokenizerParams = TokenizerParams()
+    pack: PackParams = PackParams()
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -321,3 +321,22 @@ def chosen_members(source: Source, path: Path) -> list[Member]:
         raise SourceError(f"source {source.name!r}: no file in {path.name} matches include={source.include} "
                           f"exclude={source.exclude}")
     return found
+
+
+# --- reading what the download stage wrote ------------------------------------------------------
+
+def downloaded(sources_dir: str | Path, role: str) -> list[Path]:
+    """The output folders of every downloaded source with this role, in params order (by name)."""
+    found = []
+    for manifest_path in sorted(Path(sources_dir).glob("*/manifest.json")):
+        if json.loads(manifest_path.read_text())["role"] == role:
+            found.append(manifest_path.parent)
+    return found
+
+
+def iter_documents(sources_dir: str | Path, role: str) -> Iterator[dict]:
+    """Every record of every downloaded source with this role."""
+    for folder in downloaded(sources_dir, role):
+        with open(folder / "documents.jsonl", encoding="utf-8") as lines:
+            for line in lines:
+                yield json.loads(line)

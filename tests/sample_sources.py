@@ -126,3 +126,54 @@ def sources_yaml(root: Path, base_url: str) -> list[dict]:
 def pip_offline_env(root: Path) -> dict:
     """Make `pip download` find tiny_wheel() locally instead of asking an index."""
     return {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(root / "wheels")}
+
+
+WORDS = ("the state of our union is strong and the people have spoken about work, trade, "
+         "schools, roads, farms, peace, war, money, taxes, children, families, freedom, justice, "
+         "she walked to the window and looked at the grey sea while he read the letter again").split()
+ARABIC = "السلام عليكم ورحمة الله وبركاته قال رسول الله صلى الله عليه وسلم إنما الأعمال بالنيات".split()
+
+
+SYLLABLES = "ka lo mi ru se ta ven dor pli stra gon ber wil thu ish ent ock ard".split()
+
+
+def english_corpus(root: Path, documents: int = 40, words: int = 400, seed: int = 0) -> Path:
+    """A folder of small English-like documents, enough to train a few-hundred-piece tokenizer."""
+    import random
+    rng = random.Random(seed)
+    folder = root / "corpus"
+    folder.mkdir(parents=True)
+    for d in range(documents):
+        # Real words plus made-up ones, so a tokenizer has enough distinct material for its pieces.
+        vocabulary = WORDS + ["".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))) for _ in range(60)]
+        sentences = [" ".join(rng.choice(vocabulary) for _ in range(rng.randint(5, 14))).capitalize() + "."
+                     for _ in range(words // 9)]
+        (folder / f"doc{d:03d}.txt").write_text(" ".join(sentences) + "\n")
+    return folder
+
+
+def parallel_jsonl(root: Path, items: int = 60, seed: int = 1) -> Path:
+    """English/Arabic pairs (not translations, but the shape the tokenizer comparison reads)."""
+    import random
+    rng = random.Random(seed)
+    path = root / "parallel.jsonl"
+    with open(path, "w") as f:
+        for _ in range(items):
+            f.write(json.dumps({"en": " ".join(rng.choice(WORDS) for _ in range(20)),
+                                "ar": " ".join(rng.choice(ARABIC) for _ in range(15))}, ensure_ascii=False) + "\n")
+    return path
+
+
+def tiny_pipeline_params(root: Path) -> dict:
+    """params.yaml for the whole pipeline on tiny local data: minutes on 2 cores, for e2e tests."""
+    corpus = english_corpus(root)
+    return {
+        "project": {"name": "testllm", "experiment": "tests", "seed": 7},
+        "download": {"retries": 0, "timeout_s": 10, "sources": [
+            {"name": "corpus", "uri": f"file:{corpus}", "role": "pretrain", "include": ["*.txt"]},
+            {"name": "parallel", "uri": f"file:{parallel_jsonl(root)}", "role": "tokenizer-eval"},
+        ]},
+        "tokenizer": {"kind": "bpe", "vocab_size": 400, "max_sentences": 1000, "heldout_fraction": 0.1,
+                      "eval_chars": 5000},
+        "pack": {"val_fraction": 0.1, "workers": 2},
+    }

@@ -1,0 +1,57 @@
+"""The real pipeline, stage after stage, through `dvc repro` on a tiny configuration."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+import sample_sources as samples
+from conftest import dvc, run, stage_env
+from llm.data import TokenDataset
+from llm.tokenizer import load_tokenizer
+
+pytestmark = pytest.mark.e2e
+
+
+def test_tiny_pipeline_end_to_end(pipeline_repo, prefect_api, tmp_path):
+    repo = pipeline_repo
+    (repo / "params.yaml").write_text(yaml.safe_dump(samples.tiny_pipeline_params(tmp_path), sort_keys=False))
+    env = stage_env(repo)
+    dvc(repo, "repro", "pack", env=env)
+
+    # tokenizer: the project's tokenizer and a comparison across tokenizers and languages
+    tokenizer = load_tokenizer(repo / "data/tokenizer/model")
+    assert tokenizer.vocab_size == 400
+    metrics = json.loads((repo / "data/tokenizer/metrics.json").read_text())
+    compared = {key.split(".")[0] for key in metrics["comparison"]}
+    assert compared == {"bpe", "unigram", "char", "bpe-en-ar"}
+    # A BPE that saw Arabic spends fewer tokens on it than one trained on English only.
+    assert metrics["language_cost"]["bpe-en-ar"]["ar_over_en"] < metrics["language_cost"]["bpe"]["ar_over_en"]
+    assert (repo / "data/tokenizer/comparison.png").stat().st_size > 1000
+
+    # pack: documents split, boundary tokens in place, tokenizer fingerprint recorded
+    pack = json.loads((repo / "data/pack/metrics.json").read_text())
+    assert pack["train"]["documents"] + pack["val"]["documents"] == 40 and pack["val"]["documents"] == 4
+    train = TokenDataset(repo / "data/pack/tokens/train.bin", seq_len=32, batch_size=2,
+                         expected_fingerprint=tokenizer.fingerprint())
+    tokens = np.asarray(train.tokens)
+    assert (tokens == tokenizer.special_tokens["<|endoftext|>"]).sum() == pack["train"]["documents"]
+    # The first packed document decodes back to exactly one of the downloaded documents.
+    boundaries = np.flatnonzero(tokens == tokenizer.special_tokens["<|endoftext|>"])
+    first = tokenizer.decode(tokens[boundaries[0] + 1:boundaries[1]].tolist())
+    corpus = (repo / "data/download/sources/corpus/documents.jsonl").read_text().splitlines()
+    assert first in {json.loads(line)["text"] for line in corpus}
+    assert "up to date" in dvc(repo, "repro", "pack", env=env).stdout
+
+    # A tokenizer from another run is refused by the packed data.
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["tokenizer"]["vocab_size"] = 420
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dvc(repo, "repro", "tokenizer", env=env)
+    other = load_tokenizer(repo / "data/tokenizer/model")
+    with pytest.raises(ValueError, match="written by another tokenizer"):
+        TokenDataset(repo / "data/pack/tokens/train.bin", seq_len=32, batch_size=2,
+                     expected_fingerprint=other.fingerprint())
