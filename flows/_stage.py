@@ -93,6 +93,24 @@ class Stage:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         mlflow.log_artifact(str(path), artifact_path)
 
+    def log_model(self, folder: str | Path, registered_name: str | None) -> str | None:
+        """Log a model folder (weights, config, tokenizer/) as artifacts and register it.
+
+        Registered as a new version of `registered_name`; `models:/NAME@latest` resolves to
+        the newest version (MLflow reserves that alias). Weights are safetensors, loaded by our
+        own code: nothing is pickled into the registry. Returns the version, if registered.
+        """
+        mlflow.log_artifacts(str(folder), "model")
+        if registered_name is None:
+            return None
+        client = MlflowClient()
+        if not client.search_registered_models(f"name = '{registered_name}'"):
+            client.create_registered_model(registered_name, description="Trained by the llm-from-scratch pipeline")
+        version = client.create_model_version(registered_name, source=mlflow.get_artifact_uri("model"),
+                                              run_id=self.run.info.run_id,
+                                              tags={PIPELINE_TAG: self.pipeline_id, STAGE_TAG: self.name})
+        return version.version
+
     def finish(self, metrics: dict[str, Any], summary: str) -> dict[str, Any]:
         """Write metrics.json, log its numbers to MLflow, publish the Prefect artifact."""
         write_json(self.out_dir / "metrics.json", metrics)

@@ -10,12 +10,18 @@ names the key and says what is allowed, e.g.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+from llm.model import PRESETS, ModelConfig
+from llm.train import TrainConfig
 
 
 class ConfigError(ValueError):
@@ -109,6 +115,66 @@ class PackParams(Strict):
     min_chars: int = Field(1, ge=1)                  # shorter documents are dropped and counted
 
 
+# --- sections mirrored from the library's own dataclasses ---------------------------------------
+
+def mirror(dataclass: type, *, optional: bool = False) -> type[BaseModel]:
+    """A strict params model with the fields, types and defaults of a library dataclass.
+
+    The dataclass stays the one definition (with its own value checks in __post_init__); this
+    adds what a params file needs: unknown keys and wrong types named before anything runs.
+    With optional=True every field defaults to None ("not set here").
+    """
+    hints = typing.get_type_hints(dataclass)
+    fields = {}
+    for f in dataclasses.fields(dataclass):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        fields[f.name] = (Optional[hints[f.name]], None) if optional else (hints[f.name], default)
+    return create_model(f"{dataclass.__name__}Params", __base__=Strict, **fields)
+
+
+def _build(dataclass: type, values: dict) -> Any:
+    try:
+        return dataclass(**values)
+    except (TypeError, ValueError) as err:
+        raise ValueError(str(err)) from None
+
+
+class ModelParams(mirror(ModelConfig, optional=True)):
+    """A preset plus any fields to change: `{preset: tiny, n_layer: 6}`."""
+
+    preset: str = "tiny"
+
+    @model_validator(mode="after")
+    def _buildable(self) -> "ModelParams":
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown model preset {self.preset!r}; presets: {', '.join(PRESETS)}")
+        self.build()
+        return self
+
+    def build(self) -> ModelConfig:
+        overrides = {k: v for k, v in self.model_dump(exclude={"preset"}).items() if v is not None}
+        try:
+            return ModelConfig.from_preset(self.preset, **overrides)
+        except (TypeError, ValueError) as err:
+            raise ValueError(str(err)) from None
+
+
+class TrainParams(mirror(TrainConfig)):
+    @model_validator(mode="after")
+    def _buildable(self) -> "TrainParams":
+        self.build()
+        return self
+
+    def build(self, **changes: Any) -> TrainConfig:
+        return _build(TrainConfig, {**self.model_dump(), **changes})
+
+
+class PretrainParams(Strict):
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    register_model: bool = True  # register the final model in the MLflow model registry as <project.name>-base
+
+
 # --- the whole file -------------------------------------------------------------------------
 
 class Params(Strict):
@@ -116,6 +182,7 @@ class Params(Strict):
     download: DownloadParams
     tokenizer: TokenizerParams = TokenizerParams()
     pack: PackParams = PackParams()
+    pretrain: PretrainParams = PretrainParams()
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -130,7 +197,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     try:
-        return Params.model_validate(raw)
+        # Validated as JSON: strict types, but a YAML list may fill a tuple and an int a float.
+        return Params.model_validate_json(json.dumps(raw))
     except ValidationError as err:
         raise ConfigError("\n".join(f"{path}: {line}" for line in _describe(err))) from None
 
@@ -145,8 +213,9 @@ def _describe(err: ValidationError) -> list[str]:
         elif e["type"] == "missing":
             lines.append(f"{key}: required key is missing")
         else:
-            message = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{key}: {message} (got {e['input']!r})")
+            message = e["msg"].removeprefix("Value error, ").removeprefix("ValueError: ")
+            got = "" if isinstance(e["input"], (dict, list)) else f" (got {e['input']!r})"
+            lines.append(f"{key}: {message}{got}")
     return lines
 
 

@@ -176,4 +176,10 @@ def tiny_pipeline_params(root: Path) -> dict:
         "tokenizer": {"kind": "bpe", "vocab_size": 400, "max_sentences": 1000, "heldout_fraction": 0.1,
                       "eval_chars": 5000},
         "pack": {"val_fraction": 0.1, "workers": 2},
+        "pretrain": {
+            "model": {"preset": "tiny", "n_layer": 2, "d_model": 64, "n_head": 4, "context_length": 64},
+            "train": {"max_steps": 30, "warmup_steps": 5, "batch_size": 8, "lr": 0.003, "min_lr": 0.0003,
+                      "eval_every": 15, "eval_steps": 2, "checkpoint_every": 10, "sample_tokens": 8,
+                      "threads": 1, "progress": False},
+        },
     }

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 
+import math
+
 import numpy as np
+from mlflow.tracking import MlflowClient
 import pytest
 import yaml
 
 import sample_sources as samples
 from conftest import dvc, run, stage_env
 from llm.data import TokenDataset
+from llm.model import load_checkpoint
 from llm.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.e2e
@@ -45,6 +49,20 @@ def test_tiny_pipeline_end_to_end(pipeline_repo, prefect_api, tmp_path):
     corpus = (repo / "data/download/sources/corpus/documents.jsonl").read_text().splitlines()
     assert first in {json.loads(line)["text"] for line in corpus}
     assert "up to date" in dvc(repo, "repro", "pack", env=env).stdout
+
+    # pretrain: a model that learned something, its curves, and a registered MLflow model
+    dvc(repo, "repro", "pretrain", env=env)
+    pretrain = json.loads((repo / "data/pretrain/metrics.json").read_text())
+    assert pretrain["steps"] == 30 and pretrain["val_loss"] < math.log(400) - 1.0  # well below uniform guessing
+    curve = (repo / "data/pretrain/curves/train.csv").read_text().splitlines()
+    assert curve[0] == "step,tokens,loss,lr,grad_norm" and len(curve) == 31
+    model = load_checkpoint(repo / "data/pretrain/model")
+    assert model.config.vocab_size == 400 and (repo / "data/pretrain/model/tokenizer/tokenizer.json").exists()
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    [version] = client.search_model_versions("name = 'testllm-base'")
+    assert version.run_id == client.search_runs(
+        [client.get_experiment_by_name("tests").experiment_id], "tags.`llm.stage` = 'pretrain'")[0].info.run_id
+    assert "val_loss" in dvc(repo, "plots", "show", "--json", env=env).stdout
 
     # A tokenizer from another run is refused by the packed data.
     params = yaml.safe_load((repo / "params.yaml").read_text())

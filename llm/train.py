@@ -1,0 +1,589 @@
+"""The pretraining loop: AdamW, warmup + decay, clipping, accumulation, evaluation, exact resume.
+
+Read top to bottom: the config, the learning-rate schedule, the optimizer, the device and
+precision, throughput (MFU), data, evaluation and samples, then `train` itself.
+
+Steps are counted as optimizer updates. A metric "at step k" was measured on weights that had
+received k updates: the training loss of update k (0-based) is logged at k, a validation loss
+taken after k updates at k, and checkpoint `step_k` holds the weights after k updates, so a
+resumed run starts by running update k. `tokens_seen` after update k is (k + 1) * tokens_per_step.
+
+Exact resume: batches come from `train_data.batch(i)`, a pure function of i, so the step number
+is the whole data-loader state. With weights, AdamW state and every RNG restored, a run killed
+at any point and resumed computes the same losses, bit for bit on a CPU at the same thread count.
+
+This module knows nothing of pipelines or trackers: callers observe training through the
+`on_step` / `on_eval` callbacks and the returned TrainResult.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from llm.checkpoint import (
+    TRAIN_CONFIG_FILE, check_model_config, check_same, latest_checkpoint, load_training_checkpoint, prune_checkpoints,
+    read_json_file, remove_stale_temporaries, restore_rng_state, save_training_checkpoint, seed_everything,
+)
+from llm.data import TokenDataset
+from llm.diagnose import Diagnosis, diagnose
+from llm.model import flops_per_token
+
+CHECKPOINTS_DIR = "checkpoints"
+DECAYS = ("cosine", "linear", "constant")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16")
+RESUMES = ("auto", "never")
+
+
+# --- config -------------------------------------------------------------------------------------
+
+@dataclass
+class TrainConfig:
+    """Every training knob. Defaults suit a small model on a laptop CPU."""
+
+    # learning rate: linear warmup to `lr`, then `decay` down to `min_lr` at max_steps
+    lr: float = 1e-3
+    min_lr: float = 1e-4                 # the floor the decay ends at
+    warmup_steps: int = 100
+    decay: str = "cosine"                # 'cosine', 'linear' or 'constant'
+    max_steps: int = 2000                # optimizer updates in the whole run
+    # batch: batch_size rows per forward pass; tokens_per_step > 0 accumulates gradients over
+    # several such micro-batches until that many tokens make one update (0 = one micro-batch)
+    batch_size: int = 16
+    tokens_per_step: int = 0
+    # optimizer
+    grad_clip: float = 1.0               # max global gradient norm; 0 = no clipping
+    weight_decay: float = 0.1            # on matrices (>= 2-D parameters) only
+    betas: tuple[float, float] = (0.9, 0.95)
+    # evaluation: eval_steps validation batches every eval_every steps (0 = only at the end)
+    eval_every: int = 200
+    eval_steps: int = 20
+    # checkpoints: every checkpoint_every steps (0 = only at the end), the newest K kept
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    resume: str = "auto"                 # 'auto': continue from the newest checkpoint; 'never': start over
+    # hardware
+    compile: bool = False                # torch.compile: pays off on GPUs, not on small CPU models
+    device: str = "auto"                 # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'mps'
+    dtype: str = "auto"                  # 'auto' (bfloat16 autocast on CUDA, float32 elsewhere)
+    threads: int = 0                     # torch CPU threads; 0 = torch's default (bitwise resume needs it fixed)
+    seed: int = 1337
+    # samples: a short generation at evaluations (every sample_every steps; 0 = at each one)
+    sample_every: int = 0
+    sample_prompt: str = "The "
+    sample_tokens: int = 48              # 0 = no samples
+    doc_masking: bool = False            # pass document ids: attention stays inside each document
+    progress: bool = True                # the tqdm progress bar and end-of-run report
+
+    def __post_init__(self):
+        self.betas = tuple(float(b) for b in self.betas)
+        _require(self.lr > 0, "lr", self.lr, "must be > 0")
+        _require(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
+        _require(self.max_steps >= 1, "max_steps", self.max_steps, "must be >= 1")
+        _require(0 <= self.warmup_steps <= self.max_steps, "warmup_steps", self.warmup_steps,
+                 f"must be in [0, max_steps={self.max_steps}]")
+        _require(self.decay in DECAYS, "decay", self.decay, f"must be one of {DECAYS}")
+        _require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        _require(self.tokens_per_step >= 0, "tokens_per_step", self.tokens_per_step,
+                 "must be >= 0 (0 = no gradient accumulation)")
+        _require(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 = no clipping)")
+        _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", self.betas,
+                 "must be two numbers in [0, 1)")
+        _require(self.eval_every >= 0, "eval_every", self.eval_every, "must be >= 0 (0 = only at the end)")
+        _require(self.eval_steps >= 1, "eval_steps", self.eval_steps, "must be >= 1")
+        _require(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every,
+                 "must be >= 0 (0 = only at the end)")
+        _require(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "must be >= 1")
+        _require(self.resume in RESUMES, "resume", self.resume, f"must be one of {RESUMES}")
+        _require(self.device in DEVICES, "device", self.device, f"must be one of {DEVICES}")
+        _require(self.dtype in DTYPES, "dtype", self.dtype, f"must be one of {DTYPES}")
+        _require(self.threads >= 0, "threads", self.threads, "must be >= 0 (0 = torch's default)")
+        _require(self.seed >= 0, "seed", self.seed, "must be >= 0")
+        _require(self.sample_tokens >= 0, "sample_tokens", self.sample_tokens, "must be >= 0 (0 = no samples)")
+        _require(self.sample_every >= 0, "sample_every", self.sample_every, "must be >= 0 (0 = at each evaluation)")
+        _require(self.sample_every == 0 or self.eval_every == 0 or self.sample_every % self.eval_every == 0,
+                 "sample_every", self.sample_every,
+                 f"must be a multiple of eval_every={self.eval_every}: samples are taken at evaluations")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """Build from a plain dict (params, JSON), naming any key that is not a field."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {unknown}; fields: {', '.join(sorted(fields))}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "betas": list(self.betas)}
+
+
+def _require(ok: bool, field_name: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"TrainConfig.{field_name} {rule}, got {value!r}")
+
+
+# The fields that decide the loss curve. A checkpoint written with other values is refused on
+# resume: continuing it would give a curve that no single configuration produces.
+TRAJECTORY_FIELDS = ("lr", "min_lr", "warmup_steps", "decay", "max_steps", "batch_size",
+                     "tokens_per_step", "grad_clip", "weight_decay", "betas", "seed", "doc_masking", "dtype")
+
+
+# --- learning-rate schedule ---------------------------------------------------------------------
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warmup from lr/warmup_steps to lr, then decay to min_lr at max_steps.
+
+    Warmup: Adam's first updates rest on almost no gradient statistics and are large; ramping
+    the rate up keeps them from throwing the freshly initialised model into a bad region.
+    Decay: a lower rate at the end lets the weights settle into the minimum that a high rate
+    keeps bouncing around.
+    """
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.decay == "constant":
+        return config.lr
+    progress = min((step - config.warmup_steps) / max(config.max_steps - config.warmup_steps, 1), 1.0)
+    if config.decay == "linear":
+        fraction = 1.0 - progress
+    else:  # cosine
+        fraction = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.min_lr + fraction * (config.lr - config.min_lr)
+
+
+# --- optimizer ----------------------------------------------------------------------------------
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: matrices (and embeddings) decay, vectors (biases, norm gains) do not.
+
+    Decay pulls weights towards zero; a norm's gain pulled towards zero, or a bias, only loses
+    expressiveness and regularises nothing. A tied embedding/output matrix appears once.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]   # .parameters() yields a tied weight once
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    # The fused CUDA kernel updates all parameters in one launch instead of several per tensor.
+    return torch.optim.AdamW(param_groups(model, config.weight_decay), lr=lr_at(0, config),
+                             betas=config.betas, fused=device.type == "cuda")
+
+
+def accumulation_steps(config: TrainConfig, seq_len: int) -> int:
+    """Micro-batches per optimizer update, to reach tokens_per_step."""
+    micro_tokens = config.batch_size * seq_len
+    if config.tokens_per_step == 0:
+        return 1
+    if config.tokens_per_step % micro_tokens:
+        raise ValueError(f"TrainConfig.tokens_per_step={config.tokens_per_step} must be a multiple of "
+                         f"batch_size * seq_len = {config.batch_size} * {seq_len} = {micro_tokens} "
+                         "(the tokens of one micro-batch)")
+    return config.tokens_per_step // micro_tokens
+
+
+# --- device and precision -----------------------------------------------------------------------
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("TrainConfig.device='cuda' but torch sees no CUDA GPU "
+                           f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("TrainConfig.device='mps' but the Apple GPU backend is not available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype. bf16 on CUDA: tensor-core speed with fp32's exponent range, so no loss
+    scaling. fp32 elsewhere: CPUs gain little from bf16, and exact resume is tested there."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if name == "bfloat16" else torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# --- throughput ---------------------------------------------------------------------------------
+
+# Dense (no sparsity) bf16 tensor-core peak FLOP/s per GPU, from the vendors' datasheets. The
+# first pattern that matches torch.cuda.get_device_name() wins; unknown GPUs get no MFU rather
+# than a guess.
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    (r"\bGH200\b", 989e12),
+    (r"\bH200\b", 989e12),
+    (r"\bH100\b.*\bPCIe\b", 756e12),
+    (r"\bH100\b.*\bNVL\b", 835e12),
+    (r"\bH100\b", 989e12),              # SXM, e.g. "NVIDIA H100 80GB HBM3"
+    (r"\bB200\b", 2250e12),
+    (r"\bA100\b", 312e12),
+    (r"\bL40S\b", 362e12),
+    (r"\bL4\b", 121e12),
+    (r"\bA10\b", 125e12),               # not A10G, whose figure NVIDIA does not publish
+)
+
+
+def peak_flops_of(gpu_name: str) -> float | None:
+    """The bf16 dense peak of a GPU by its name, or None if it is not in the table."""
+    return next((flops for pattern, flops in PEAK_BF16_FLOPS if re.search(pattern, gpu_name)), None)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    return peak_flops_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
+def model_flops_utilisation(tokens_per_s: float, flops_per_tok: int, peak: float | None) -> float | None:
+    """MFU: the share of the GPU's peak that the model's own arithmetic (6N + attention) uses."""
+    return None if peak is None else tokens_per_s * flops_per_tok / peak
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+class Batches(Protocol):
+    """What train() needs of a dataset (llm.data.TokenDataset is one)."""
+
+    batch_size: int
+    seq_len: int
+
+    def batch(self, step: int) -> tuple[torch.Tensor, ...]: ...
+
+
+def load_datasets(train_path: str | Path, val_path: str | Path | None, seq_len: int, config: TrainConfig,
+                  expected_fingerprint: str | None = None) -> tuple[TokenDataset, TokenDataset | None]:
+    """TokenDatasets built the way train() expects them (batch size, seed, document ids)."""
+    def dataset(path):
+        return TokenDataset(path, seq_len, config.batch_size, seed=config.seed, with_doc_ids=config.doc_masking,
+                            expected_fingerprint=expected_fingerprint)
+
+    return dataset(train_path), (dataset(val_path) if val_path is not None else None)
+
+
+# --- evaluation and samples ---------------------------------------------------------------------
+
+SampleFn = Callable[[nn.Module, str, int], str]   # (model, prompt, max_new_tokens) -> text
+
+
+def _forward_loss(forward: Callable, batch: tuple[torch.Tensor, ...], device: torch.device,
+                  doc_masking: bool) -> torch.Tensor:
+    inputs, targets = batch[0].to(device), batch[1].to(device)
+    doc_ids = batch[2].to(device) if doc_masking else None
+    return forward(inputs, targets=targets, doc_ids=doc_ids).loss
+
+
+@torch.no_grad()
+def evaluate(forward: Callable, model: nn.Module, data: Batches, steps: int, device: torch.device,
+             dtype: torch.dtype, doc_masking: bool) -> float:
+    """Mean loss over validation batches 0..steps-1: the same batches every time, so
+    evaluations differ only by what the model learned."""
+    model.eval()
+    try:
+        losses = []
+        for i in range(steps):
+            with autocast(device, dtype):
+                losses.append(_forward_loss(forward, data.batch(i), device, doc_masking).item())
+        return sum(losses) / len(losses)
+    finally:
+        model.train()
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss): the number of equally likely tokens the model is choosing between."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
+@torch.no_grad()
+def take_sample(sample_fn: SampleFn, model: nn.Module, config: TrainConfig) -> str:
+    """A generation that leaves the training RNG untouched (so resume stays exact) and uses the
+    same seed each time (so samples differ only by what the model learned)."""
+    model.eval()
+    try:
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(config.seed)
+            return sample_fn(model, config.sample_prompt, config.sample_tokens)
+    finally:
+        model.train()
+
+
+# --- the result ---------------------------------------------------------------------------------
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm became NaN/inf; training stopped before the bad update."""
+
+    def __init__(self, step: int, what: str, value: float, checkpoint: Path | None, history: dict):
+        self.step, self.what, self.value, self.checkpoint, self.history = step, what, value, checkpoint, history
+        kept = (f"The last good checkpoint, {checkpoint}, is intact" if checkpoint
+                else "No checkpoint had been written yet")
+        super().__init__(
+            f"training diverged at step {step}: the {what} is {value}. Training stopped before "
+            f"applying this update. {kept}. Resuming with the same settings will diverge again: "
+            "lower the learning rate, lengthen the warmup or enable gradient clipping (grad_clip=1.0).")
+
+
+@dataclass
+class TrainResult:
+    steps: int                    # optimizer updates done in total (== config.max_steps)
+    tokens_seen: int
+    tokens_per_step: int          # tokens per optimizer update (to put curves against tokens)
+    train_loss: float             # the last update's
+    val_loss: float | None        # the last evaluation's
+    val_ppl: float | None
+    checkpoint: Path              # the final checkpoint
+    resumed_from: int | None      # the step this invocation continued from; None if it started fresh
+    elapsed_s: float              # wall time of this invocation
+    tokens_per_s: float           # mean over this invocation's updates (0 if it had none to do)
+    mfu: float | None             # from tokens_per_s; None off CUDA or on an unknown GPU
+    history: dict[str, list] = field(default_factory=dict)
+    # history: "train_loss", "lr", "grad_norm": [(step, value)] every step; "val_loss": [(step,
+    # value)] every evaluation; "sample": [(step, text)]. Resumed runs carry the earlier steps.
+    diagnosis: Diagnosis = field(default_factory=Diagnosis)
+
+
+def new_history() -> dict[str, list]:
+    return {"train_loss": [], "lr": [], "grad_norm": [], "val_loss": [], "sample": []}
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+@dataclass
+class _Run:
+    """Everything one invocation of train() works with."""
+
+    model: nn.Module
+    forward: Callable              # the model, or its compiled version
+    optimizer: torch.optim.Optimizer
+    config: TrainConfig
+    device: torch.device
+    dtype: torch.dtype
+    accumulation: int
+    checkpoints: Path
+    history: dict[str, list]
+    start_step: int = 0              # the first update this invocation runs
+    last_checkpoint: Path | None = None
+
+
+def train(model: nn.Module, train_data: Batches, val_data: Batches | None, config: TrainConfig,
+          out_dir: str | Path, *, on_step: Callable[[int, dict], None] | None = None,
+          on_eval: Callable[[int, dict], None] | None = None,
+          sample_fn: SampleFn | None = None) -> TrainResult:
+    """Train `model` in place for config.max_steps updates; checkpoints go to out_dir/checkpoints.
+
+    train_data / val_data: TokenDatasets (or anything with batch(i), batch_size, seq_len) built
+    with batch_size=config.batch_size (and with_doc_ids=True for doc_masking). val_data None
+    skips evaluation. on_step(step, {loss, lr, grad_norm, tokens_seen, tokens_per_s, mfu}) after
+    every update; on_eval(step, {val_loss, val_ppl, sample}) after every evaluation. sample_fn
+    (model, prompt, max_new_tokens) -> text makes the samples. Raises TrainingDiverged on a
+    NaN/inf loss or gradient norm, CheckpointMismatch when resuming an incompatible checkpoint.
+    """
+    if config.threads:
+        torch.set_num_threads(config.threads)   # process-wide: float sums depend on the split
+    _check_data(train_data, val_data, config, model)
+    run = _prepare(model, train_data, config, Path(out_dir))
+    start = run.start_step
+    resumed_from = start if run.last_checkpoint else None
+    peak = peak_flops(run.device)
+    flops_per_tok = flops_per_token(model.config, train_data.seq_len)
+    tokens_per_step = run.accumulation * config.batch_size * train_data.seq_len
+
+    began, trained_s = time.perf_counter(), 0.0
+    with tqdm(total=config.max_steps, initial=start, disable=not config.progress, unit="step",
+              dynamic_ncols=True) as bar:
+        for step in range(start, config.max_steps):
+            t0 = time.perf_counter()
+            loss, grad_norm, lr = _update(run, train_data, step)
+            step_s = time.perf_counter() - t0
+            trained_s += step_s
+            tokens_per_s = tokens_per_step / step_s
+            metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm,
+                       "tokens_seen": (step + 1) * tokens_per_step, "tokens_per_s": tokens_per_s,
+                       "mfu": model_flops_utilisation(tokens_per_s, flops_per_tok, peak)}
+            _record(run.history, step, train_loss=loss, lr=lr, grad_norm=grad_norm)
+            bar.set_postfix(_postfix(metrics), refresh=False)
+            bar.update()
+            if on_step:
+                on_step(step, metrics)
+            done = step + 1
+            if val_data is not None and _due(done, config.eval_every, config.max_steps):
+                _evaluate_and_sample(run, val_data, done, sample_fn, on_eval, bar)
+            if _due(done, config.checkpoint_every, config.max_steps):
+                _save(run, done)
+    return _result(run, resumed_from, tokens_per_step, time.perf_counter() - began, trained_s,
+                   config.max_steps - start, flops_per_tok, peak)
+
+
+def _check_data(train_data: Batches, val_data: Batches | None, config: TrainConfig, model: nn.Module) -> None:
+    for name, data in (("train_data", train_data), ("val_data", val_data)):
+        if data is None:
+            continue
+        if data.batch_size != config.batch_size:
+            raise ValueError(f"{name} makes batches of {data.batch_size} rows but TrainConfig.batch_size="
+                             f"{config.batch_size}: build the dataset with batch_size=config.batch_size")
+        if data.seq_len > model.config.context_length:
+            raise ValueError(f"{name} has seq_len={data.seq_len}, longer than the model's "
+                             f"context_length={model.config.context_length}")
+        if config.doc_masking and not getattr(data, "with_doc_ids", True):
+            raise ValueError(f"TrainConfig.doc_masking=True but {name} was built without document ids: "
+                             "build it with with_doc_ids=True")
+
+
+def _prepare(model: nn.Module, train_data: Batches, config: TrainConfig, out_dir: Path) -> _Run:
+    """Device, optimizer, and either a fresh start or the state of the newest checkpoint."""
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True   # fp32 matmuls outside autocast use TF32
+        torch.backends.cudnn.allow_tf32 = True
+    model.to(device)
+    model.train()
+    optimizer = make_optimizer(model, config, device)
+    checkpoints = out_dir / CHECKPOINTS_DIR
+    run = _Run(model=model, forward=model, optimizer=optimizer, config=config, device=device, dtype=dtype,
+               accumulation=accumulation_steps(config, train_data.seq_len), checkpoints=checkpoints,
+               history=new_history())
+    _resume_or_start(run)
+    if config.compile:
+        run.forward = torch.compile(model)
+    return run
+
+
+def _resume_or_start(run: _Run) -> None:
+    remove_stale_temporaries(run.checkpoints)
+    if run.config.resume == "never" and run.checkpoints.exists():
+        # Starting over: old checkpoints would otherwise be mistaken for this run's later steps.
+        shutil.rmtree(run.checkpoints)
+    latest = latest_checkpoint(run.checkpoints)
+    if latest is None:
+        seed_everything(run.config.seed)
+        return
+    check_model_config(latest, run.model.config.to_dict())
+    check_same(latest, "training config", read_json_file(latest / TRAIN_CONFIG_FILE), run.config.to_dict(),
+               TRAJECTORY_FIELDS, hint="Use the same settings, another out_dir, or resume='never' to start over.")
+    state = load_training_checkpoint(latest, run.model, run.optimizer)
+    run.history, run.start_step, run.last_checkpoint = state.history, state.step, latest
+    if len(state.history["train_loss"]) != state.step:
+        raise ValueError(f"checkpoint {latest} is inconsistent: step {state.step} but "
+                         f"{len(state.history['train_loss'])} logged losses")
+    restore_rng_state(state.rng)   # last: nothing may draw random numbers between here and step one
+
+
+def _update(run: _Run, data: Batches, step: int) -> tuple[float, float, float]:
+    """One optimizer update over `accumulation` micro-batches; returns (loss, grad norm, lr)."""
+    config = run.config
+    lr = lr_at(step, config)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    run.optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=run.device)
+    for micro in range(run.accumulation):
+        # Micro-batch i of update s is data batch s * accumulation + i: with TokenDataset this
+        # reads exactly the rows one big batch of accumulation * batch_size rows would.
+        batch = data.batch(step * run.accumulation + micro)
+        with autocast(run.device, run.dtype):
+            # Each micro-batch loss is a mean; dividing by their number makes the summed gradients
+            # the gradient of the mean over the whole update.
+            loss = _forward_loss(run.forward, batch, run.device, config.doc_masking) / run.accumulation
+        loss.backward()
+        total += loss.detach()
+    loss_value = total.item()
+    if not math.isfinite(loss_value):
+        raise TrainingDiverged(step, "training loss", loss_value, run.last_checkpoint, run.history)
+    grad_norm = _clip_gradients(run.model, config.grad_clip)
+    if not math.isfinite(grad_norm):
+        raise TrainingDiverged(step, "gradient norm", grad_norm, run.last_checkpoint, run.history)
+    run.optimizer.step()
+    return loss_value, grad_norm, lr
+
+
+def _clip_gradients(model: nn.Module, max_norm: float) -> float:
+    """The global gradient norm before clipping; clipped to max_norm unless that is 0.
+
+    Clipping caps the size of one update, so a single bad batch cannot throw the weights far;
+    the pre-clip norm is the early-warning signal (it climbs before a loss spike)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm.item()
+
+
+def _record(history: dict[str, list], step: int, **values: float) -> None:
+    for name, value in values.items():
+        history[name].append((step, value))
+
+
+def _due(done: int, every: int, max_steps: int) -> bool:
+    return done == max_steps or (every > 0 and done % every == 0)
+
+
+def _evaluate_and_sample(run: _Run, val_data: Batches, step: int, sample_fn: SampleFn | None,
+                         on_eval: Callable | None, bar) -> None:
+    config = run.config
+    val_loss = evaluate(run.forward, run.model, val_data, config.eval_steps, run.device, run.dtype,
+                        config.doc_masking)
+    sample = None
+    wants_sample = config.sample_every == 0 or step % config.sample_every == 0 or step == config.max_steps
+    if sample_fn is not None and config.sample_tokens > 0 and wants_sample:
+        sample = take_sample(sample_fn, run.model, config)
+        run.history["sample"].append((step, sample))
+    run.history["val_loss"].append((step, val_loss))
+    if config.progress:
+        bar.write(f"step {step}: val loss {val_loss:.4f}, perplexity {perplexity(val_loss):.1f}"
+                  + (f"\n  sample: {sample!r}" if sample is not None else ""))
+    if on_eval:
+        on_eval(step, {"val_loss": val_loss, "val_ppl": perplexity(val_loss), "sample": sample})
+
+
+def _save(run: _Run, step: int) -> None:
+    run.last_checkpoint = save_training_checkpoint(run.checkpoints, run.model, run.optimizer, step,
+                                                   run.history, run.config.to_dict())
+    prune_checkpoints(run.checkpoints, run.config.keep_checkpoints)
+
+
+def _postfix(metrics: dict[str, Any]) -> dict[str, str]:
+    postfix = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}",
+               "tok/s": f"{metrics['tokens_per_s']:,.0f}"}
+    if metrics["mfu"] is not None:
+        postfix["mfu"] = f"{metrics['mfu']:.1%}"
+    return postfix
+
+
+def _result(run: _Run, resumed_from: int | None, tokens_per_step: int, elapsed_s: float, trained_s: float,
+            updates: int, flops_per_tok: int, peak: float | None) -> TrainResult:
+    history = run.history
+    val_loss = history["val_loss"][-1][1] if history["val_loss"] else None
+    tokens_per_s = updates * tokens_per_step / trained_s if trained_s > 0 else 0.0
+    diagnosis = diagnose(history["train_loss"], history["val_loss"])
+    if run.config.progress:
+        print(diagnosis.report())
+    return TrainResult(
+        steps=run.config.max_steps, tokens_seen=run.config.max_steps * tokens_per_step,
+        tokens_per_step=tokens_per_step, train_loss=history["train_loss"][-1][1], val_loss=val_loss,
+        val_ppl=perplexity(val_loss) if val_loss is not None else None, checkpoint=run.last_checkpoint,
+        resumed_from=resumed_from, elapsed_s=elapsed_s, tokens_per_s=tokens_per_s,
+        mfu=model_flops_utilisation(tokens_per_s, flops_per_tok, peak) if updates else None,
+        history=history, diagnosis=diagnosis)
