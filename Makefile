@@ -5,7 +5,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test ui stop clean help
+POOL   ?= llm-gpu
+
+.PHONY: setup run test ui stop worker clean help
 
 help:            ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -31,6 +33,9 @@ ui: setup        ## start the Prefect and MLflow UIs on 127.0.0.1 and print thei
 
 stop: setup      ## stop the UIs / local Prefect server started by `make run` or `make ui`
 	$(PY) -m flows.ui stop
+
+worker: setup    ## start a Prefect worker for the pool POOL (default llm-gpu) on this host
+	$(PY) -m flows.worker --pool $(POOL)
 
 clean:           ## remove pipeline outputs and local tracking databases (keeps .venv)
 	rm -rf data/*/ mlflow.db mlruns .prefect dvc.lock .cache/downloads

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import subprocess
@@ -29,6 +30,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.context import get_run_context
 
 from flows.environment import mlflow_tracking_uri, mlflow_ui_url
+from flows.remote import RemoteRunFailed, run_on_pool
 from flows.run_id import PIPELINE_RUN_ENV, pipeline_run_id
 from llm.config import ConfigError, Params, flatten, load_params
 from llm.files import write_json
@@ -179,11 +181,20 @@ def main(flow: Callable[[Params], Any], name: str, argv: list[str] | None = None
     except ConfigError as err:
         sys.exit(f"error: {err}")
     os.environ[PIPELINE_RUN_ENV] = pipeline_id = pipeline_run_id()  # one id for the flow and the MLflow run
-    with tags(f"stage:{name}", f"pipeline:{pipeline_id}"):
-        try:
-            flow(params)
-        except StageError as err:
-            sys.exit(f"error: {name} stage failed: {err}")
+    execution = params.execution
+    try:
+        if execution.mode == "pool" and name in execution.stages:
+            run_on_pool(name, params.model_dump(mode="json"), execution.pickup_timeout_s, execution.timeout_s)
+        else:
+            with tags(f"stage:{name}", f"pipeline:{pipeline_id}"):
+                flow(params)
+    except (StageError, RemoteRunFailed) as err:
+        sys.exit(f"error: {name} stage failed: {err}")
+
+
+def as_params(params: Params | dict) -> Params:
+    """A flow's params: the object itself locally, or the JSON of it in a deployment run."""
+    return params if isinstance(params, Params) else Params.model_validate_json(json.dumps(params))
 
 
 class StageError(RuntimeError):

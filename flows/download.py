@@ -11,7 +11,7 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.logging import get_run_logger
 
-from flows._stage import StageError, main, stage_run
+from flows._stage import StageError, as_params, main, stage_run
 from llm import sources
 from llm.config import Params, Source
 from llm.files import atomic_dir, write_json
@@ -44,8 +44,9 @@ def materialise(source: Source, path: Path | None, out_dir: Path) -> dict:
     return manifest
 
 
-@flow(name="download", log_prints=True)
+@flow(name="download", log_prints=True, validate_parameters=False)
 def download_flow(params: Params) -> dict:
+    params = as_params(params)
     p = params.download
     log = get_run_logger()
     with stage_run("download", params) as stage:

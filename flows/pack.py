@@ -15,7 +15,7 @@ from prefect import flow, task
 from prefect.logging import get_run_logger
 from tqdm import tqdm
 
-from flows._stage import StageError, main, stage_run
+from flows._stage import StageError, as_params, main, stage_run
 from llm import data
 from llm.config import Params
 from llm.files import atomic_dir
@@ -60,8 +60,9 @@ def encode_split(name: str, texts: list[str], out_dir: Path, workers: int) -> di
             "mb_per_s": sum(len(t.encode()) for t in texts) / 1e6 / max(seconds, 1e-9), "dtype": meta["dtype"]}
 
 
-@flow(name="pack", log_prints=True)
+@flow(name="pack", log_prints=True, validate_parameters=False)
 def pack_flow(params: Params) -> dict:
+    params = as_params(params)
     p = params.pack
     log = get_run_logger()
     if not (TOKENIZER / "tokenizer.json").exists():

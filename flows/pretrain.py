@@ -20,7 +20,7 @@ from pathlib import Path
 from prefect import flow
 from prefect.logging import get_run_logger
 
-from flows._stage import StageError, main, stage_run
+from flows._stage import StageError, as_params, main, stage_run
 from llm.checkpoint import CheckpointMismatch
 from llm.config import Params
 from llm.data import TokenDataset
@@ -74,8 +74,9 @@ class Curves:
         self.val.close()
 
 
-@flow(name="pretrain", log_prints=True)
+@flow(name="pretrain", log_prints=True, validate_parameters=False)
 def pretrain_flow(params: Params) -> dict:
+    params = as_params(params)
     p = params.pretrain
     log = get_run_logger()
     tokenizer = load_tokenizer(TOKENIZER)

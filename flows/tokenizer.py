@@ -17,7 +17,7 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.logging import get_run_logger
 
-from flows._stage import StageError, main, stage_run
+from flows._stage import StageError, as_params, main, stage_run
 from llm import tokenizer as tok
 from llm.config import Params
 from llm.files import atomic_dir
@@ -120,8 +120,9 @@ def language_cost(rows: list[dict]) -> dict[str, dict[str, float]]:
     return cost
 
 
-@flow(name="tokenizer", log_prints=True)
+@flow(name="tokenizer", log_prints=True, validate_parameters=False)
 def tokenizer_flow(params: Params) -> dict:
+    params = as_params(params)
     p = params.tokenizer
     log = get_run_logger()
     with stage_run("tokenizer", params) as stage:

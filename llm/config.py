@@ -175,10 +175,25 @@ class PretrainParams(Strict):
     register_model: bool = True  # register the final model in the MLflow model registry as <project.name>-base
 
 
+# --- where stages run -----------------------------------------------------------------------------
+
+class ExecutionParams(Strict):
+    """`local`: each stage's flow runs in the `dvc repro` process. `pool`: the listed stages run as
+    deployment runs on a Prefect work pool (a GPU host's worker); see flows/remote.py."""
+
+    mode: Literal["local", "pool"] = "local"
+    pool: str = Field("llm-gpu", min_length=1)
+    stages: list[Literal["download", "tokenizer", "pack", "pretrain", "classify", "instruct", "judge"]] = \
+        ["pretrain", "classify", "instruct"]
+    pickup_timeout_s: float = Field(120.0, gt=0)  # no worker took the run by then: cancel, fail the stage
+    timeout_s: float = Field(86400.0, gt=0)       # the run has not finished by then: cancel, fail
+
+
 # --- the whole file -------------------------------------------------------------------------
 
 class Params(Strict):
     project: ProjectParams = ProjectParams()
+    execution: ExecutionParams = ExecutionParams()
     download: DownloadParams
     tokenizer: TokenizerParams = TokenizerParams()
     pack: PackParams = PackParams()
