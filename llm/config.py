@@ -15,12 +15,14 @@ import json
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from llm.model import PRESETS, ModelConfig
+from llm.classify import ClassifyConfig
+from llm.finetune import FinetuneConfig
 from llm.train import TrainConfig
 
 
@@ -173,6 +175,42 @@ class PretrainParams(Strict):
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     register_model: bool = True  # register the final model in the MLflow model registry as <project.name>-base
+    # Processes to train with, one per GPU, under torchrun with DistributedDataParallel: 'auto' = every
+    # CUDA GPU of the host; on a CPU a count > 1 runs that many gloo processes (to test the path).
+    devices: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = 1
+
+
+class ClassifyParams(mirror(ClassifyConfig)):
+    from_scratch: bool = True    # also train the same architecture from random weights, for comparison
+    register_model: bool = True  # as <project.name>-classifier
+
+    @model_validator(mode="after")
+    def _buildable(self) -> "ClassifyParams":
+        self.build()
+        return self
+
+    def build(self) -> ClassifyConfig:
+        return _build(ClassifyConfig, self.model_dump(exclude={"from_scratch", "register_model"}))
+
+
+class InstructParams(mirror(FinetuneConfig)):
+    val_fraction: float = Field(0.1, ge=0, lt=0.5)
+    test_fraction: float = Field(0.1, gt=0, lt=0.5)
+    max_test_items: int = Field(100, ge=1)     # test instructions answered (and judged later)
+    max_new_tokens: int = Field(96, ge=1)      # per answer
+    temperature: float = Field(0.0, ge=0)      # 0 = greedy: the same answers every run
+    generate_batch_size: int = Field(16, ge=1)
+    register_model: bool = True                # as <project.name>-instruct
+
+    @model_validator(mode="after")
+    def _buildable(self) -> "InstructParams":
+        self.build()
+        return self
+
+    def build(self) -> FinetuneConfig:
+        own = {"val_fraction", "test_fraction", "max_test_items", "max_new_tokens", "temperature",
+               "generate_batch_size", "register_model"}
+        return _build(FinetuneConfig, self.model_dump(exclude=own))
 
 
 # --- where stages run -----------------------------------------------------------------------------
@@ -198,6 +236,8 @@ class Params(Strict):
     tokenizer: TokenizerParams = TokenizerParams()
     pack: PackParams = PackParams()
     pretrain: PretrainParams = PretrainParams()
+    classify: ClassifyParams = ClassifyParams()
+    instruct: InstructParams = InstructParams()
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -164,6 +164,37 @@ def parallel_jsonl(root: Path, items: int = 60, seed: int = 1) -> Path:
     return path
 
 
+SPAM_WORDS = "free prize win cash call now claim urgent txt offer".split()
+
+
+def labelled_jsonl(root: Path, items: int = 160, seed: int = 2) -> Path:
+    """Messages labelled ham/spam; spam ones use spam words (learnable from a few examples)."""
+    import random
+    rng = random.Random(seed)
+    path = root / "sms.jsonl"
+    with open(path, "w") as f:
+        for i in range(items):
+            spam = i % 4 == 0
+            words = SPAM_WORDS if spam else WORDS
+            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(4, 12))),
+                                "label": "spam" if spam else "ham"}) + "\n")
+    return path
+
+
+def alpaca_json(root: Path, items: int = 40, seed: int = 3) -> Path:
+    """Instruction records in the Alpaca shape: repeat-after-me tasks a tiny model can learn a bit of."""
+    import random
+    rng = random.Random(seed)
+    records = []
+    for i in range(items):
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5)))
+        records.append({"instruction": "Repeat the words.", "input": words, "output": words}
+                       if i % 2 else {"instruction": f"Say {words}.", "input": "", "output": words})
+    path = root / "alpaca_demo.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
 def tiny_pipeline_params(root: Path) -> dict:
     """params.yaml for the whole pipeline on tiny local data: minutes on 2 cores, for e2e tests."""
     corpus = english_corpus(root)
@@ -172,6 +203,8 @@ def tiny_pipeline_params(root: Path) -> dict:
         "download": {"retries": 0, "timeout_s": 10, "sources": [
             {"name": "corpus", "uri": f"file:{corpus}", "role": "pretrain", "include": ["*.txt"]},
             {"name": "parallel", "uri": f"file:{parallel_jsonl(root)}", "role": "tokenizer-eval"},
+            {"name": "sms", "uri": f"file:{labelled_jsonl(root)}", "role": "classify"},
+            {"name": "alpaca", "uri": f"file:{alpaca_json(root)}", "role": "instruct"},
         ]},
         "tokenizer": {"kind": "bpe", "vocab_size": 400, "max_sentences": 1000, "heldout_fraction": 0.1,
                       "eval_chars": 5000},
@@ -182,4 +215,9 @@ def tiny_pipeline_params(root: Path) -> dict:
                       "eval_every": 15, "eval_steps": 2, "checkpoint_every": 10, "sample_tokens": 8,
                       "threads": 1, "progress": False},
         },
+        "classify": {"max_length": 32, "epochs": 6, "batch_size": 16, "lr": 0.003, "warmup_steps": 2, "pooling": "mean",
+                     "patience": 0,
+                     "threads": 1, "progress": False},
+        "instruct": {"epochs": 2, "batch_size": 4, "lr": 0.002, "warmup_steps": 2, "threads": 1, "progress": False,
+                     "val_fraction": 0.1, "test_fraction": 0.1, "max_new_tokens": 8, "generate_batch_size": 4},
     }

@@ -13,6 +13,7 @@ import yaml
 
 import sample_sources as samples
 from conftest import dvc, run, stage_env
+from llm.classify import Classifier
 from llm.data import TokenDataset
 from llm.model import load_checkpoint
 from llm.tokenizer import load_tokenizer
@@ -63,6 +64,27 @@ def test_tiny_pipeline_end_to_end(pipeline_repo, prefect_api, tmp_path):
     assert version.run_id == client.search_runs(
         [client.get_experiment_by_name("tests").experiment_id], "tags.`llm.stage` = 'pretrain'")[0].info.run_id
     assert "val_loss" in dvc(repo, "plots", "show", "--json", env=env).stdout
+
+    # classify: pretrained vs from scratch vs the majority baseline, on one stratified test set
+    dvc(repo, "repro", "classify", env=env)
+    classify = json.loads((repo / "data/classify/metrics.json").read_text())
+    assert set(classify["test"]) == {"pretrained", "from_scratch", "majority"}
+    assert classify["test"]["majority"]["accuracy"] == pytest.approx(0.75, abs=0.02)
+    assert classify["test"]["pretrained"]["accuracy"] > classify["test"]["majority"]["accuracy"]
+    predictions = (repo / "data/classify/predictions.csv").read_text().splitlines()
+    assert predictions[0] == "actual,predicted" and len(predictions) - 1 == classify["examples"]["test"]
+    labels, probabilities = Classifier.load(repo / "data/classify/model").predict(["free prize call now", "the people have spoken"])
+    assert labels[0] in ("ham", "spam") and abs(sum(probabilities[0]) - 1) < 1e-5
+
+    # instruct: tuned model registered, answers from base and tuned model for the judge
+    dvc(repo, "repro", "instruct", env=env)
+    instruct = json.loads((repo / "data/instruct/metrics.json").read_text())
+    assert instruct["val_loss"] < instruct["val_loss_before"]  # tuning lowered the validation loss
+    assert instruct["padding_waste_packed"] < instruct["padding_waste_padded"]
+    responses = [json.loads(line) for line in (repo / "data/instruct/responses.jsonl").read_text().splitlines()]
+    assert len(responses) == instruct["test_items"] == 4
+    assert set(responses[0]) == {"instruction", "input", "reference", "base_response", "tuned_response"}
+    assert [int(v.version) for v in client.search_model_versions("name = 'testllm-instruct'")] == [1]
 
     # A tokenizer from another run is refused by the packed data.
     params = yaml.safe_load((repo / "params.yaml").read_text())
