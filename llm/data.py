@@ -21,6 +21,7 @@ example, the simple way, so the two can be compared.
 from __future__ import annotations
 
 import bisect
+import itertools
 import multiprocessing
 import os
 from dataclasses import asdict, dataclass
@@ -105,11 +106,11 @@ def _load_worker_tokenizer(tokenizer_dir: str) -> None:
     _worker_tokenizer = load_tokenizer(tokenizer_dir)
 
 
-def _encode_chunk(texts: list[str]) -> list[np.ndarray]:
-    # One thread per process: the processes already use every core. Arrays, not lists of ints,
-    # because they cross the process boundary several times faster.
+def _encode_chunk(texts: list[str], num_threads: int = 1) -> list[np.ndarray]:
+    # One thread per process in a pool: the processes already use every core. Arrays, not lists
+    # of ints, because they cross the process boundary several times faster.
     dtype = token_dtype(_worker_tokenizer.vocab_size)
-    return [np.asarray(ids, dtype=dtype) for ids in _worker_tokenizer.encode_batch(texts, num_threads=1)]
+    return [np.asarray(ids, dtype=dtype) for ids in _worker_tokenizer.encode_batch(texts, num_threads=num_threads)]
 
 
 def _chunks(texts: Iterable[str], chunk_chars: int) -> Iterator[list[str]]:
@@ -126,19 +127,29 @@ def _chunks(texts: Iterable[str], chunk_chars: int) -> Iterator[list[str]]:
 
 
 def iter_encode_documents(tokenizer_dir: str | Path, texts: Iterable[str], workers: int | None = None,
-                          *, chunk_chars: int = 1 << 20) -> Iterator[np.ndarray]:
+                          *, chunk_chars: int = 1 << 18, min_parallel_chars: int = 1 << 21
+                          ) -> Iterator[np.ndarray]:
     """Encode documents with `workers` processes (default: all cores), yielding ids in input order.
 
     Workers get chunks of about `chunk_chars` characters: big enough that sending work to a
     process costs little next to encoding it, small enough that the cores share the work evenly.
+    Below `min_parallel_chars` in all, a process pool costs more to start than it saves (measured
+    by bench/pack.py): the text is encoded here, with the tokenizer's own threads.
     Special-token strings in the texts stay ordinary text.
     """
     workers = workers or os.cpu_count() or 1
     chunks = _chunks(texts, chunk_chars)
-    if workers == 1:
+    head, size = [], 0
+    for chunk in chunks:  # look ahead: is there enough text for a pool to pay off?
+        head.append(chunk)
+        size += sum(map(len, chunk))
+        if size >= min_parallel_chars:
+            break
+    chunks = itertools.chain(head, chunks)
+    if workers == 1 or size < min_parallel_chars:
         _load_worker_tokenizer(str(tokenizer_dir))
         for chunk in chunks:
-            yield from _encode_chunk(chunk)
+            yield from _encode_chunk(chunk, num_threads=workers)
         return
     # fork: workers start in milliseconds and inherit the imported modules.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
@@ -148,9 +159,9 @@ def iter_encode_documents(tokenizer_dir: str | Path, texts: Iterable[str], worke
 
 
 def encode_documents(tokenizer_dir: str | Path, texts: Iterable[str], workers: int | None = None,
-                     *, chunk_chars: int = 1 << 20) -> list[np.ndarray]:
-    """iter_encode_documents, collected into a list."""
-    return list(iter_encode_documents(tokenizer_dir, texts, workers, chunk_chars=chunk_chars))
+                     **options) -> list[np.ndarray]:
+    """iter_encode_documents (same options), collected into a list."""
+    return list(iter_encode_documents(tokenizer_dir, texts, workers, **options))
 
 
 # --- batches for pretraining ------------------------------------------------------------------

@@ -149,8 +149,10 @@ def test_parallel_encoding_matches_the_tokenizer_in_order(tmp_path):
     tokenizer = train_char(texts[:60], progress=False)
     tokenizer.save(tmp_path / "tok")
     expected = tokenizer.encode_batch(texts)
-    for workers in (1, 2):
-        encoded = encode_documents(tmp_path / "tok", texts, workers=workers, chunk_chars=200)
+    # min_parallel_chars: the in-process path (small input) and the process pool (forced)
+    for workers, min_parallel_chars in ((1, 0), (2, 0), (2, 1 << 21)):
+        encoded = encode_documents(tmp_path / "tok", texts, workers=workers, chunk_chars=200,
+                                   min_parallel_chars=min_parallel_chars)
         assert [ids.tolist() for ids in encoded] == expected
         assert all(ids.dtype == np.uint16 for ids in encoded)
     assert tokenizer.special_tokens[ENDOFTEXT] not in {i for ids in expected for i in ids}
