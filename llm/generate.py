@@ -119,8 +119,14 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 
 
 class _Cache:
-    """Per-stream state: the key/value cache and the padding bookkeeping of one batch."""
-    __slots__ = ("kv", "key_valid", "first_slot")
+    """Per-stream state: the key/value cache and the padding bookkeeping of one batch.
+
+    One tensor holds every layer's keys and values, allocated once, token-major:
+    (layer, B, slot, k heads then v heads, D). The k and v of a new token are then one
+    contiguous piece of the qkv projection's output and go into the cache with one copy.
+    keys[i] / values[i] are layer i's (B, kv heads, slot, D) views for attention.
+    """
+    __slots__ = ("kv", "keys", "values", "key_valid", "first_slot")
 
 
 class Decoder:
@@ -241,10 +247,12 @@ class Decoder:
     def _new_cache(self, prompts: list[list[int]], budgets: list[int]) -> _Cache:
         B, longest = len(prompts), max(len(p) for p in prompts)
         n_slots = longest + max(budgets) - 1  # every new token but the last is fed back in
+        Hkv = self.n_kv_head
         cache = _Cache()
-        # One tensor for all keys and values, allocated once: (layer, k/v, B, kv heads, slot, D).
-        cache.kv = torch.empty(self.config.n_layer, 2, B, self.n_kv_head, n_slots, self.head_dim,
+        cache.kv = torch.empty(self.config.n_layer, B, n_slots, 2 * Hkv, self.head_dim,
                                dtype=self.dtype, device=self.device)
+        cache.keys = [layer[:, :, :Hkv].transpose(1, 2) for layer in cache.kv]
+        cache.values = [layer[:, :, Hkv:].transpose(1, 2) for layer in cache.kv]
         pad = [longest - len(p) for p in prompts]
         if any(pad):
             pad_t = torch.tensor(pad, device=self.device)
@@ -347,12 +355,12 @@ class Decoder:
             sin = self.rope_sin[positions].view(-1, 1, T, D)
         for i, layer in enumerate(self.layers):
             h = self._norm(x, layer.norm1_w, layer.norm1_b) if self.pre_norm else x
-            qkv = _linear(h, layer.qkv_w, layer.qkv_b).view(B, T, H + 2 * Hkv, D).transpose(1, 2)
-            q, k, v = qkv.split([H, Hkv, Hkv], dim=1)
+            qkv = _linear(h, layer.qkv_w, layer.qkv_b).view(B, T, H + 2 * Hkv, D)
+            cache.kv[i, :, :T] = qkv[:, :, H:]                  # keys (before RoPE) and values
+            q, k, v = qkv.transpose(1, 2).split([H, Hkv, Hkv], dim=1)  # (B, heads, T, D)
             if self.rope:
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            cache.kv[i, 0, :, :, :T] = k
-            cache.kv[i, 1, :, :, :T] = v
+                cache.keys[i][:, :, :T] = k
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                enable_gqa=self.group > 1)
             y = _linear(y.transpose(1, 2).reshape(B * T, H * D), layer.proj_w, layer.proj_b)
@@ -372,28 +380,27 @@ class Decoder:
             positions, mask = slot, None                        # same position in every row
         else:
             positions = (slot - cache.first_slot).clamp_(max=self.config.context_length - 1)
-            mask = cache.key_valid[..., :n]
+            mask = cache.key_valid.narrow(3, 0, n)
         x = F.embedding(tokens, self.tok_emb)                   # (B, C)
         if self.pos_emb is not None:
             x = x + self.pos_emb[positions]
         if self.rope:
             cos = self.rope_cos[positions].view(-1, 1, D)       # broadcast over heads
             sin = self.rope_sin[positions].view(-1, 1, D)
-        for layer, layer_cache in zip(self.layers, cache.kv):  # layer_cache: (2, B, Hkv, slots, D)
+        for layer, kv, keys, values in zip(self.layers, cache.kv, cache.keys, cache.values):
             h = self._norm(x, layer.norm1_w, layer.norm1_b) if self.pre_norm else x
             qkv = _linear(h, layer.qkv_w, layer.qkv_b).view(B, H + 2 * Hkv, D)
-            if self.rope:
-                qk = apply_rope(qkv[:, :H + Hkv], cos, sin)
-                q = qk[:, :H]
-                layer_cache[0, :, :, slot] = qk[:, H:]
-                layer_cache[1, :, :, slot] = qkv[:, H + Hkv:]
-            else:
-                q = qkv[:, :H]
-                layer_cache[:, :, :, slot] = qkv[:, H:].view(B, 2, Hkv, D).transpose(0, 1)  # k and v in one copy
+            # narrow / select rather than Python indexing: one cheap call each, no index parsing.
+            kv.select(1, slot).copy_(qkv.narrow(1, H, 2 * Hkv))  # k and v in one copy
+            q = qkv.narrow(1, 0, H)
+            if self.rope:  # rotate q and k together, then overwrite the cached keys with rotated ones
+                qk = apply_rope(qkv.narrow(1, 0, H + Hkv), cos, sin)
+                q = qk.narrow(1, 0, H)
+                kv.select(1, slot).narrow(1, 0, Hkv).copy_(qk.narrow(1, H, Hkv))
             # With one query per row, grouped-query attention needs no repeated keys: the G query
             # heads that share a key/value head become G query rows against it.
-            y = F.scaled_dot_product_attention(q.reshape(B, Hkv, self.group, D), layer_cache[0, :, :, :n],
-                                               layer_cache[1, :, :, :n], attn_mask=mask)
+            y = F.scaled_dot_product_attention(q.reshape(B, Hkv, self.group, D), keys.narrow(2, 0, n),
+                                               values.narrow(2, 0, n), attn_mask=mask)
             y = _linear(y.reshape(B, H * D), layer.proj_w, layer.proj_b)
             x = self._after_attention(layer, x, y)
         if self.pre_norm:
