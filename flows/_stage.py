@@ -90,7 +90,7 @@ class Stage:
         return f"{mlflow_ui_url()}/#/experiments/{self.run.info.experiment_id}/runs/{self.run.info.run_id}"
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        mlflow.log_metrics({_metric_name(k): float(v) for k, v in metrics.items()}, step=step)
+        mlflow.log_metrics({metric_name(k): float(v) for k, v in metrics.items()}, step=step)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         mlflow.log_artifact(str(path), artifact_path)
@@ -124,7 +124,7 @@ class Stage:
         return metrics
 
 
-def _metric_name(key: str) -> str:
+def metric_name(key: str) -> str:
     """MLflow allows only letters, digits and _-. :/ in metric names."""
     return re.sub(r"[^\w\-. :/]", "_", key)
 

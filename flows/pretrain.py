@@ -7,6 +7,13 @@ Registered in MLflow as <project.name>-base.
 Checkpoints live in data/pretrain/checkpoints/<run key>/, which DVC keeps between runs
 (`persist: true`): a run killed at any point continues from its last checkpoint when the stage
 runs again with the same settings, while changed settings get a fresh folder (and a fresh run).
+
+Several GPUs (`pretrain.devices: N` or `auto`): the flow (wherever it runs: in the DVC process or
+on a pool's worker) starts `torchrun --standalone --nproc_per_node=N -m flows.pretrain --ddp-rank
+JOB` and waits. Each of those processes trains with DistributedDataParallel (llm.train); rank 0
+writes the checkpoints and the curves and logs the step metrics to this stage's MLflow run, the
+others only compute. The flow then loads the final weights and finishes the stage as with one
+device. LLM_PRETRAIN_TORCHRUN=1 takes this path even with one device (to try it on one GPU).
 """
 
 from __future__ import annotations
@@ -14,25 +21,33 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import shutil
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 from prefect import flow
 from prefect.logging import get_run_logger
+from safetensors.torch import load_model
 
-from flows._stage import StageError, as_params, main, stage_run
+from flows._stage import StageError, as_params, metric_name, main, stage_run
+from llm import distributed
 from llm.checkpoint import CheckpointMismatch
 from llm.config import Params
 from llm.data import TokenDataset
 from llm.files import atomic_dir
 from llm.generate import generate
-from llm.model import GPT, num_params, save_checkpoint
+from llm.model import GPT, WEIGHTS_FILE, ModelConfig, num_params, save_checkpoint
 from llm.tokenizer import load_tokenizer
-from llm.train import TrainingDiverged, accumulation_steps, perplexity, train
+from llm.train import TrainConfig, TrainingDiverged, TrainResult, global_tokens_per_step, perplexity, train
 
 TOKENIZER = Path("data/tokenizer/model")
 TOKENS = Path("data/pack/tokens")
 OUT = Path("data/pretrain")
+DDP_RANK = "--ddp-rank"                   # argv of the torchrun processes of a multi-device run
+FORCE_TORCHRUN_ENV = "LLM_PRETRAIN_TORCHRUN"
 
 
 def run_key(*parts: dict) -> str:
@@ -74,6 +89,30 @@ class Curves:
         self.val.close()
 
 
+def datasets(model_config: ModelConfig, train_config: TrainConfig, tokenizer) -> tuple[TokenDataset, TokenDataset]:
+    """The packed training and validation tokens, as train() reads them (also in each torchrun process)."""
+    data_options = dict(seq_len=model_config.context_length, batch_size=train_config.batch_size,
+                        with_doc_ids=train_config.doc_masking, expected_fingerprint=tokenizer.fingerprint())
+    train_data = TokenDataset(TOKENS / "train.bin", seed=train_config.seed, **data_options)
+    val_data = TokenDataset(TOKENS / "val.bin", seed=train_config.seed + 1, **data_options)
+    return train_data, val_data
+
+
+def callbacks(curves: Curves, log_metrics, info):
+    """train()'s on_step / on_eval: curves, MLflow metrics, samples in the log."""
+    def on_step(step: int, m: dict) -> None:
+        curves.add_train(step, m["loss"], m["lr"], m["grad_norm"])
+        log_metrics({k: v for k, v in m.items() if v is not None}, step=step + 1)
+
+    def on_eval(step: int, m: dict) -> None:
+        curves.add_val(step, m["val_loss"], m["val_ppl"])
+        log_metrics({"val_loss": m["val_loss"], "val_ppl": m["val_ppl"]}, step=step)
+        if m.get("sample"):
+            info(f"sample at step {step}: {m['sample']!r}")
+
+    return on_step, on_eval
+
+
 @flow(name="pretrain", log_prints=True, validate_parameters=False)
 def pretrain_flow(params: Params) -> dict:
     params = as_params(params)
@@ -87,17 +126,11 @@ def pretrain_flow(params: Params) -> dict:
         raise StageError(f"pretrain.model.vocab_size={p.model.vocab_size} is smaller than the tokenizer's "
                          f"{tokenizer.vocab_size} ids; leave it unset to use the tokenizer's")
     train_config = p.train.build()
-    data_options = dict(seq_len=model_config.context_length, batch_size=train_config.batch_size,
-                        with_doc_ids=train_config.doc_masking, expected_fingerprint=tokenizer.fingerprint())
     try:
-        train_data = TokenDataset(TOKENS / "train.bin", seed=train_config.seed, **data_options)
-        val_data = TokenDataset(TOKENS / "val.bin", seed=train_config.seed + 1, **data_options)
-    except ValueError as err:
-        raise StageError(str(err)) from err
-
-    try:
-        tokens_per_step = (accumulation_steps(train_config, model_config.context_length)
-                           * train_config.batch_size * model_config.context_length)
+        # Multi-device: the processes to train with (1: train in this process, as always).
+        devices = distributed.resolve_devices(p.devices, train_config.device)
+        train_data, val_data = datasets(model_config, train_config, tokenizer)
+        tokens_per_step = global_tokens_per_step(train_config, model_config.context_length, devices)
     except ValueError as err:
         raise StageError(str(err)) from err
     key = run_key(model_config.to_dict(), {k: v for k, v in vars(train_config).items() if k != "progress"},
@@ -108,26 +141,20 @@ def pretrain_flow(params: Params) -> dict:
              f"{train_data.meta['num_tokens']:,} training tokens")
 
     with stage_run("pretrain", params, system_metrics=True) as stage:
-        curves = Curves(OUT / "curves", tokens_per_step)
-
-        def on_step(step: int, m: dict) -> None:
-            curves.add_train(step, m["loss"], m["lr"], m["grad_norm"])
-            stage.log_metrics({k: v for k, v in m.items() if v is not None}, step=step + 1)
-
-        def on_eval(step: int, m: dict) -> None:
-            curves.add_val(step, m["val_loss"], m["val_ppl"])
-            stage.log_metrics({"val_loss": m["val_loss"], "val_ppl": m["val_ppl"]}, step=step)
-            if m.get("sample"):
-                log.info(f"sample at step {step}: {m['sample']!r}")
-
-        try:
-            result = train(model, train_data, val_data, train_config, checkpoints,
-                           on_step=on_step, on_eval=on_eval, sample_fn=sampler(tokenizer))
-        except (TrainingDiverged, CheckpointMismatch) as err:
-            raise StageError(str(err)) from err
-        finally:
-            curves.close()
-        rewrite_curves(curves, result.history, tokens_per_step)
+        if devices > 1 or os.environ.get(FORCE_TORCHRUN_ENV) == "1":
+            # Multi-device: torchrun processes train; rank 0 writes curves, metrics, checkpoints.
+            result = train_with_torchrun(devices, model, train_config, checkpoints, tokens_per_step, stage.run.info.run_id)
+        else:
+            curves = Curves(OUT / "curves", tokens_per_step)
+            on_step, on_eval = callbacks(curves, stage.log_metrics, log.info)
+            try:
+                result = train(model, train_data, val_data, train_config, checkpoints,
+                               on_step=on_step, on_eval=on_eval, sample_fn=sampler(tokenizer))
+            except (TrainingDiverged, CheckpointMismatch) as err:
+                raise StageError(str(err)) from err
+            finally:
+                curves.close()
+        rewrite_curves(OUT / "curves", result.history, tokens_per_step)
 
         with atomic_dir(OUT / "model") as tmp:
             save_checkpoint(model, tmp)
@@ -156,9 +183,8 @@ def pretrain_flow(params: Params) -> dict:
         return stage.finish(metrics, summary)
 
 
-def rewrite_curves(curves: Curves, history: dict, tokens_per_step: int) -> None:
+def rewrite_curves(folder: Path, history: dict, tokens_per_step: int) -> None:
     """After a resume the CSVs hold only this invocation's steps: rewrite them from the full history."""
-    folder = Path(curves.train.name).parent
     c = Curves(folder, tokens_per_step)
     lrs = dict(history.get("lr", []))
     norms = dict(history.get("grad_norm", []))
@@ -169,5 +195,75 @@ def rewrite_curves(curves: Curves, history: dict, tokens_per_step: int) -> None:
     c.close()
 
 
+# --- several devices: torchrun processes ------------------------------------------------------------
+
+def train_with_torchrun(devices: int, model: GPT, train_config: TrainConfig, checkpoints: Path,
+                        tokens_per_step: int, mlflow_run_id: str) -> TrainResult:
+    """Train in `devices` processes under torchrun and wait; load the trained weights into `model`.
+
+    The processes get the configs in a job file and run `ddp_rank`; rank 0 writes the result
+    (or the error) back to a file. Only this process talks to Prefect; rank 0 logs to MLflow."""
+    log = get_run_logger()
+    with tempfile.TemporaryDirectory(prefix="pretrain-ddp-") as tmp:
+        job, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        job.write_text(json.dumps({"model": model.config.to_dict(), "train": train_config.to_dict(),
+                                   "checkpoints": str(checkpoints), "tokens_per_step": tokens_per_step,
+                                   "mlflow_run_id": mlflow_run_id, "result": str(result_file)}))
+        target = ["-m", "flows.pretrain", DDP_RANK, str(job)]
+        log.info(f"training in {devices} process(es): {' '.join(distributed.torchrun_command(devices, target))}")
+        status = distributed.run_torchrun(devices, target)
+        outcome = json.loads(result_file.read_text()) if result_file.exists() else None
+    if outcome is not None and "error" in outcome:
+        raise StageError(outcome["error"])
+    if status != 0 or outcome is None:
+        raise StageError(f"torchrun exited with status {status}; the processes' output is above")
+    result = TrainResult.from_dict(outcome)
+    load_model(model, str(result.checkpoint / WEIGHTS_FILE), strict=True)
+    log.info(f"trained in {devices} process(es): {result.tokens_per_s:,.0f} tokens/s")
+    return result
+
+
+def ddp_rank(job_file: Path) -> None:
+    """One torchrun process of train_with_torchrun. All ranks train together (llm.train joins
+    the process group); rank 0 also writes the curves, logs step metrics to the stage's MLflow
+    run and writes the result file. The checkpoints are written by rank 0 inside train()."""
+    job = json.loads(job_file.read_text())
+    rank = distributed.from_env().rank
+    tokenizer = load_tokenizer(TOKENIZER)
+    model_config, train_config = ModelConfig.from_dict(job["model"]), TrainConfig.from_dict(job["train"])
+    train_data, val_data = datasets(model_config, train_config, tokenizer)
+    model = GPT(model_config)   # DDP copies rank 0's initial weights to every rank
+    curves, on_step, on_eval = None, None, None
+    if rank == 0:
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        from flows.environment import mlflow_tracking_uri
+        client = MlflowClient(mlflow_tracking_uri())
+
+        def log_metrics(metrics: dict, step: int = 0) -> None:
+            now = int(time.time() * 1000)
+            client.log_batch(job["mlflow_run_id"], metrics=[Metric(metric_name(k), float(v), now, step)
+                                                            for k, v in metrics.items()])
+
+        curves = Curves(OUT / "curves", job["tokens_per_step"])
+        on_step, on_eval = callbacks(curves, log_metrics, print)
+    try:
+        result = train(model, train_data, val_data, train_config, job["checkpoints"],
+                       on_step=on_step, on_eval=on_eval, sample_fn=sampler(tokenizer))
+    except (TrainingDiverged, CheckpointMismatch) as err:
+        if rank == 0:
+            Path(job["result"]).write_text(json.dumps({"error": str(err)}))
+        sys.exit(f"error: {err}")
+    finally:
+        if curves is not None:
+            curves.close()
+    if rank == 0:
+        Path(job["result"]).write_text(json.dumps(result.to_dict()))
+
+
 if __name__ == "__main__":
-    main(pretrain_flow, "pretrain")
+    if sys.argv[1:2] == [DDP_RANK]:   # a process started by train_with_torchrun
+        ddp_rank(Path(sys.argv[2]))
+    else:
+        main(pretrain_flow, "pretrain")

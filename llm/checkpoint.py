@@ -7,7 +7,12 @@ optimizer updates done:
     config.json         the model config; a different model is refused on resume
     train_state.pt      optimizer state, step, RNG states and the metric history,
                         read back with torch.load(weights_only=True): plain data only
-    train_config.json   the training config that produced it
+    train_config.json   the training config that produced it, with the number of processes
+                        (world_size) and the tokens of one whole update (global_tokens_per_step)
+
+Written by several processes (DistributedDataParallel), a checkpoint is the same: weights and
+optimizer state are identical on every rank and rank 0 writes them; train_state.pt adds every
+rank's RNG state (`rng_per_rank`), while `rng` stays rank 0's, so one process can continue it.
 
 A folder is written under a temporary name and renamed into place when complete (rename is
 atomic), so a run killed at any instant leaves only complete checkpoints behind, plus a hidden
@@ -49,8 +54,9 @@ class TrainingState:
 
     step: int                      # optimizer updates done; the next step to run
     optimizer: dict[str, Any]      # optimizer.state_dict()
-    rng: dict[str, Any]            # capture_rng_state()
+    rng: dict[str, Any]            # capture_rng_state() of rank 0 (the only one with one process)
     history: dict[str, list]       # metric curves, e.g. {"train_loss": [(step, value), ...]}
+    rng_per_rank: list[dict[str, Any]] | None = None   # every rank's, when several processes wrote it
 
 
 # --- naming and finding checkpoints --------------------------------------------------------------
@@ -145,11 +151,15 @@ def seed_everything(seed: int) -> None:
 
 def save_training_checkpoint(checkpoints_dir: str | Path, model: torch.nn.Module,
                              optimizer: torch.optim.Optimizer, step: int, history: dict[str, list],
-                             train_config: dict[str, Any]) -> Path:
-    """Write checkpoint `step` atomically and return its folder. Captures the RNG state now."""
+                             train_config: dict[str, Any],
+                             rng_per_rank: list[dict[str, Any]] | None = None) -> Path:
+    """Write checkpoint `step` atomically and return its folder. Captures the RNG state now.
+    rng_per_rank: every rank's RNG state (capture_rng_state), when several processes train."""
     path = Path(checkpoints_dir) / checkpoint_name(step)
     state = {"step": step, "optimizer": optimizer.state_dict(), "rng": capture_rng_state(),
              "history": history}
+    if rng_per_rank is not None:
+        state["rng_per_rank"] = rng_per_rank
     with atomic_dir(path) as tmp:
         save_checkpoint(model, tmp)  # model.safetensors (tied weights handled) + config.json
         torch.save(state, tmp / STATE_FILE)
@@ -202,7 +212,7 @@ def load_training_checkpoint(path: str | Path, model: torch.nn.Module,
     if optimizer is not None:
         load_optimizer_state(optimizer, state["optimizer"])
     return TrainingState(step=state["step"], optimizer=state["optimizer"], rng=state["rng"],
-                         history=state["history"])
+                         history=state["history"], rng_per_rank=state.get("rng_per_rank"))
 
 
 # How the optimizer runs on this machine, not what it has learned: a checkpoint written with the

@@ -15,7 +15,7 @@ import json
 import re
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
@@ -177,7 +177,14 @@ class PretrainParams(Strict):
     register_model: bool = True  # register the final model in the MLflow model registry as <project.name>-base
     # Processes to train with, one per GPU, under torchrun with DistributedDataParallel: 'auto' = every
     # CUDA GPU of the host; on a CPU a count > 1 runs that many gloo processes (to test the path).
-    devices: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = 1
+    devices: Union[int, str] = 1
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, value: int | str) -> int | str:
+        if value == "auto" or (isinstance(value, int) and value >= 1):
+            return value
+        raise ValueError("must be 'auto' (every CUDA GPU of the host) or a count >= 1")
 
 
 class ClassifyParams(mirror(ClassifyConfig)):

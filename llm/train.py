@@ -12,6 +12,14 @@ Exact resume: batches come from `train_data.batch(i)`, a pure function of i, so 
 is the whole data-loader state. With weights, AdamW state and every RNG restored, a run killed
 at any point and resumed computes the same losses, bit for bit on a CPU at the same thread count.
 
+Several processes (DistributedDataParallel, started by torchrun; see llm/distributed.py): each
+update reads the same rows as one process would, split across the processes, so the loss curve
+is the single-process one (up to float rounding) and a checkpoint resumes on any number of
+processes that can make the same global batch. `batch_size` is the rows of one forward pass in
+each process (what fits one GPU); `tokens_per_step` is the whole update across all processes
+(0 = one micro-batch per process). Rank 0 alone shows progress, calls the callbacks and writes
+checkpoints; the others compute.
+
 This module knows nothing of pipelines or trackers: callers observe training through the
 `on_step` / `on_eval` callbacks and the returned TrainResult.
 """
@@ -28,16 +36,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+import numpy as np
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from llm import distributed
 from llm.checkpoint import (
     TRAIN_CONFIG_FILE, check_model_config, check_same, latest_checkpoint, load_training_checkpoint, prune_checkpoints,
-    read_json_file, remove_stale_temporaries, restore_rng_state, save_training_checkpoint, seed_everything,
+    CheckpointMismatch, capture_rng_state, checkpoint_name, read_json_file, remove_stale_temporaries,
+    restore_rng_state, save_training_checkpoint, seed_everything,
 )
 from llm.data import TokenDataset
 from llm.diagnose import Diagnosis, diagnose
+from llm.distributed import SINGLE, Dist
 from llm.model import flops_per_token
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -59,8 +71,9 @@ class TrainConfig:
     warmup_steps: int = 100
     decay: str = "cosine"                # 'cosine', 'linear' or 'constant'
     max_steps: int = 2000                # optimizer updates in the whole run
-    # batch: batch_size rows per forward pass; tokens_per_step > 0 accumulates gradients over
-    # several such micro-batches until that many tokens make one update (0 = one micro-batch)
+    # batch: batch_size rows per forward pass (in each process); tokens_per_step > 0 accumulates
+    # gradients over several such micro-batches until that many tokens make one update, counted
+    # over all processes (0 = one micro-batch per process)
     batch_size: int = 16
     tokens_per_step: int = 0
     # optimizer
@@ -137,9 +150,12 @@ def _require(ok: bool, field_name: str, value: Any, rule: str) -> None:
 
 
 # The fields that decide the loss curve. A checkpoint written with other values is refused on
-# resume: continuing it would give a curve that no single configuration produces.
-TRAJECTORY_FIELDS = ("lr", "min_lr", "warmup_steps", "decay", "max_steps", "batch_size",
-                     "tokens_per_step", "grad_clip", "weight_decay", "betas", "seed", "doc_masking", "dtype")
+# resume: continuing it would give a curve that no single configuration produces. The batch
+# counts as the tokens of one whole update (global_tokens_per_step): update s reads the same rows
+# however they are cut into micro-batches and processes, so batch_size, accumulation and the
+# number of processes may change between a checkpoint and its resumption.
+TRAJECTORY_FIELDS = ("lr", "min_lr", "warmup_steps", "decay", "max_steps", "global_tokens_per_step",
+                     "grad_clip", "weight_decay", "betas", "seed", "doc_masking", "dtype")
 
 
 # --- learning-rate schedule ---------------------------------------------------------------------
@@ -183,16 +199,35 @@ def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) 
                              betas=config.betas, fused=device.type == "cuda")
 
 
-def accumulation_steps(config: TrainConfig, seq_len: int) -> int:
-    """Micro-batches per optimizer update, to reach tokens_per_step."""
-    micro_tokens = config.batch_size * seq_len
+def accumulation_steps(config: TrainConfig, seq_len: int, world_size: int = 1) -> int:
+    """Micro-batches per optimizer update in each of world_size processes, to reach tokens_per_step."""
+    micro_tokens = config.batch_size * seq_len * world_size
     if config.tokens_per_step == 0:
         return 1
     if config.tokens_per_step % micro_tokens:
+        if world_size == 1:
+            raise ValueError(f"TrainConfig.tokens_per_step={config.tokens_per_step} must be a multiple of "
+                             f"batch_size * seq_len = {config.batch_size} * {seq_len} = {micro_tokens} "
+                             "(the tokens of one micro-batch)")
         raise ValueError(f"TrainConfig.tokens_per_step={config.tokens_per_step} must be a multiple of "
-                         f"batch_size * seq_len = {config.batch_size} * {seq_len} = {micro_tokens} "
-                         "(the tokens of one micro-batch)")
+                         f"batch_size * seq_len * processes = {config.batch_size} * {seq_len} * {world_size} = "
+                         f"{micro_tokens} (one micro-batch in each process)")
     return config.tokens_per_step // micro_tokens
+
+
+def global_tokens_per_step(config: TrainConfig, seq_len: int, world_size: int = 1) -> int:
+    """Tokens of one optimizer update, over all processes."""
+    return accumulation_steps(config, seq_len, world_size) * config.batch_size * seq_len * world_size
+
+
+def micro_batch_index(step: int, micro: int, accumulation: int, where: Dist = SINGLE) -> int:
+    """The data batch that micro-batch `micro` of update `step` reads in process `where`.
+
+    Update s covers data batches s*G .. s*G + G-1, G = accumulation * world_size, whatever the
+    number of processes: micro-step i is the G batches' i-th group of world_size consecutive
+    batches, one per rank. One process reads s*G + i, exactly as before.
+    """
+    return (step * accumulation + micro) * where.world_size + where.rank
 
 
 # --- device and precision -----------------------------------------------------------------------
@@ -255,7 +290,8 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def model_flops_utilisation(tokens_per_s: float, flops_per_tok: int, peak: float | None) -> float | None:
-    """MFU: the share of the GPU's peak that the model's own arithmetic (6N + attention) uses."""
+    """MFU: the share of the GPU's peak that the model's own arithmetic (6N + attention) uses.
+    With several GPUs, tokens_per_s and peak are the totals of all of them."""
     return None if peak is None else tokens_per_s * flops_per_tok / peak
 
 
@@ -285,25 +321,38 @@ def load_datasets(train_path: str | Path, val_path: str | Path | None, seq_len: 
 SampleFn = Callable[[nn.Module, str, int], str]   # (model, prompt, max_new_tokens) -> text
 
 
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # To a GPU from page-locked memory: an asynchronous copy, so the CPU goes on queueing work
+    # instead of waiting for the transfer (the batch is small: the extra host copies cost little).
+    if device.type == "cuda":
+        return tensor.contiguous().pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def _forward_loss(forward: Callable, batch: tuple[torch.Tensor, ...], device: torch.device,
                   doc_masking: bool) -> torch.Tensor:
-    inputs, targets = batch[0].to(device), batch[1].to(device)
-    doc_ids = batch[2].to(device) if doc_masking else None
+    inputs, targets = _to_device(batch[0], device), _to_device(batch[1], device)
+    doc_ids = _to_device(batch[2], device) if doc_masking else None
     return forward(inputs, targets=targets, doc_ids=doc_ids).loss
 
 
 @torch.no_grad()
 def evaluate(forward: Callable, model: nn.Module, data: Batches, steps: int, device: torch.device,
-             dtype: torch.dtype, doc_masking: bool) -> float:
+             dtype: torch.dtype, doc_masking: bool, where: Dist = SINGLE) -> float:
     """Mean loss over validation batches 0..steps-1: the same batches every time, so
-    evaluations differ only by what the model learned."""
+    evaluations differ only by what the model learned. Several processes share the batches
+    (rank r takes r, r + world_size, ...) and every rank gets the mean over all of them."""
     model.eval()
     try:
         losses = []
-        for i in range(steps):
+        for i in range(where.rank, steps, where.world_size):
             with autocast(device, dtype):
-                losses.append(_forward_loss(forward, data.batch(i), device, doc_masking).item())
-        return sum(losses) / len(losses)
+                losses.append(_forward_loss(forward, data.batch(i), device, doc_masking).detach())
+        # One transfer to the host at the end, not one wait per batch.
+        total = sum(torch.stack(losses).tolist()) if losses else 0.0
+        if where.enabled:
+            total = distributed.sum_across(torch.tensor([total], dtype=torch.float64, device=device), where).item()
+        return total / steps
     finally:
         model.train()
 
@@ -363,6 +412,19 @@ class TrainResult:
     # value)] every evaluation; "sample": [(step, text)]. Resumed runs carry the earlier steps.
     diagnosis: Diagnosis = field(default_factory=Diagnosis)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data (a result passed from a training process to the one that started it)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "diagnosis"}
+        return {**values, "checkpoint": str(self.checkpoint) if self.checkpoint is not None else None}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainResult":
+        """The inverse of to_dict (the diagnosis is recomputed from the history)."""
+        history = {name: [tuple(point) for point in points] for name, points in values["history"].items()}
+        checkpoint = Path(values["checkpoint"]) if values.get("checkpoint") else None
+        return cls(**{**values, "history": history, "checkpoint": checkpoint,
+                      "diagnosis": diagnose(history.get("train_loss", []), history.get("val_loss", []))})
+
 
 def new_history() -> dict[str, list]:
     return {"train_loss": [], "lr": [], "grad_norm": [], "val_loss": [], "sample": []}
@@ -375,14 +437,17 @@ class _Run:
     """Everything one invocation of train() works with."""
 
     model: nn.Module
-    forward: Callable              # the model, or its compiled version
+    forward: Callable              # the model, or its DDP wrapper, or a compiled version of either
     optimizer: torch.optim.Optimizer
     config: TrainConfig
     device: torch.device
     dtype: torch.dtype
-    accumulation: int
+    accumulation: int              # micro-batches per update in each process
+    seq_len: int
     checkpoints: Path
     history: dict[str, list]
+    where: Dist = SINGLE           # this process among those training the model
+    ddp: nn.Module | None = None   # the DistributedDataParallel wrapper, with several processes
     start_step: int = 0              # the first update this invocation runs
     last_checkpoint: Path | None = None
 
@@ -399,19 +464,35 @@ def train(model: nn.Module, train_data: Batches, val_data: Batches | None, confi
     every update; on_eval(step, {val_loss, val_ppl, sample}) after every evaluation. sample_fn
     (model, prompt, max_new_tokens) -> text makes the samples. Raises TrainingDiverged on a
     NaN/inf loss or gradient norm, CheckpointMismatch when resuming an incompatible checkpoint.
+
+    Started by torchrun in several processes (or inside a process group the caller opened),
+    every process calls train() with the same arguments: they train one model together with
+    DistributedDataParallel, and only rank 0 calls the callbacks, takes samples and writes
+    checkpoints. Every rank returns the same TrainResult (rank 0's alone has the samples).
     """
     if config.threads:
         torch.set_num_threads(config.threads)   # process-wide: float sums depend on the split
     _check_data(train_data, val_data, config, model)
-    run = _prepare(model, train_data, config, Path(out_dir))
+    device = resolve_device(config.device)
+    with distributed.process_group(device) as where:
+        return _train(model, train_data, val_data, config, Path(out_dir), where, on_step, on_eval, sample_fn)
+
+
+def _train(model: nn.Module, train_data: Batches, val_data: Batches | None, config: TrainConfig, out_dir: Path,
+           where: Dist, on_step: Callable | None, on_eval: Callable | None,
+           sample_fn: SampleFn | None) -> TrainResult:
+    run = _prepare(model, train_data, config, out_dir, where)
     start = run.start_step
     resumed_from = start if run.last_checkpoint else None
     peak = peak_flops(run.device)
+    peak = peak * where.world_size if peak is not None else None   # tokens/s below count every GPU
     flops_per_tok = flops_per_token(model.config, train_data.seq_len)
-    tokens_per_step = run.accumulation * config.batch_size * train_data.seq_len
+    tokens_per_step = run.accumulation * where.world_size * config.batch_size * train_data.seq_len
+    if not where.is_main:   # the other ranks compute; rank 0 reports
+        on_step = on_eval = sample_fn = None
 
     began, trained_s = time.perf_counter(), 0.0
-    with tqdm(total=config.max_steps, initial=start, disable=not config.progress, unit="step",
+    with tqdm(total=config.max_steps, initial=start, disable=not (config.progress and where.is_main), unit="step",
               dynamic_ncols=True) as bar:
         for step in range(start, config.max_steps):
             t0 = time.perf_counter()
@@ -432,6 +513,9 @@ def train(model: nn.Module, train_data: Batches, val_data: Batches | None, confi
                 _evaluate_and_sample(run, val_data, done, sample_fn, on_eval, bar)
             if _due(done, config.checkpoint_every, config.max_steps):
                 _save(run, done)
+    # Every rank leaves once the final checkpoint is on disk, so every rank's result names a
+    # checkpoint that exists.
+    distributed.barrier(where)
     return _result(run, resumed_from, tokens_per_step, time.perf_counter() - began, trained_s,
                    config.max_steps - start, flops_per_tok, peak)
 
@@ -451,9 +535,9 @@ def _check_data(train_data: Batches, val_data: Batches | None, config: TrainConf
                              "build it with with_doc_ids=True")
 
 
-def _prepare(model: nn.Module, train_data: Batches, config: TrainConfig, out_dir: Path) -> _Run:
+def _prepare(model: nn.Module, train_data: Batches, config: TrainConfig, out_dir: Path, where: Dist) -> _Run:
     """Device, optimizer, and either a fresh start or the state of the newest checkpoint."""
-    device = resolve_device(config.device)
+    device = distributed.device_for(resolve_device(config.device), where)
     dtype = resolve_dtype(config.dtype, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True   # fp32 matmuls outside autocast use TF32
@@ -463,72 +547,126 @@ def _prepare(model: nn.Module, train_data: Batches, config: TrainConfig, out_dir
     optimizer = make_optimizer(model, config, device)
     checkpoints = out_dir / CHECKPOINTS_DIR
     run = _Run(model=model, forward=model, optimizer=optimizer, config=config, device=device, dtype=dtype,
-               accumulation=accumulation_steps(config, train_data.seq_len), checkpoints=checkpoints,
-               history=new_history())
+               accumulation=accumulation_steps(config, train_data.seq_len, where.world_size),
+               seq_len=train_data.seq_len, checkpoints=checkpoints, history=new_history(), where=where)
     _resume_or_start(run)
+    if where.enabled:
+        # After loading: DDP starts by copying rank 0's weights to every rank.
+        run.forward = run.ddp = distributed.wrap(model, device)
     if config.compile:
-        run.forward = torch.compile(model)
+        # The DDP wrapper is compiled, not wrapped around a compiled model: torch.compile then
+        # splits the graph at DDP's gradient buckets, so their all-reduce overlaps the backward.
+        run.forward = torch.compile(run.forward)
     return run
 
 
 def _resume_or_start(run: _Run) -> None:
-    remove_stale_temporaries(run.checkpoints)
-    if run.config.resume == "never" and run.checkpoints.exists():
-        # Starting over: old checkpoints would otherwise be mistaken for this run's later steps.
-        shutil.rmtree(run.checkpoints)
+    where, seq_len = run.where, run.seq_len
+    if where.is_main:   # one process changes the folder; the others wait for it, then read
+        remove_stale_temporaries(run.checkpoints)
+        if run.config.resume == "never" and run.checkpoints.exists():
+            # Starting over: old checkpoints would otherwise be mistaken for this run's later steps.
+            shutil.rmtree(run.checkpoints)
+    distributed.barrier(where)
     latest = latest_checkpoint(run.checkpoints)
     if latest is None:
-        seed_everything(run.config.seed)
+        seed_everything(run.config.seed + where.rank)   # rank 0 draws as a single process would
         return
     check_model_config(latest, run.model.config.to_dict())
-    check_same(latest, "training config", read_json_file(latest / TRAIN_CONFIG_FILE), run.config.to_dict(),
-               TRAJECTORY_FIELDS, hint="Use the same settings, another out_dir, or resume='never' to start over.")
+    saved = read_json_file(latest / TRAIN_CONFIG_FILE)
+    current = _checked_config(run.config, seq_len, where.world_size)
+    _check_global_batch(latest, saved, current, seq_len)
+    check_same(latest, "training config", saved, current, TRAJECTORY_FIELDS,
+               hint="Use the same settings, another out_dir, or resume='never' to start over.")
     state = load_training_checkpoint(latest, run.model, run.optimizer)
     run.history, run.start_step, run.last_checkpoint = state.history, state.step, latest
     if len(state.history["train_loss"]) != state.step:
         raise ValueError(f"checkpoint {latest} is inconsistent: step {state.step} but "
                          f"{len(state.history['train_loss'])} logged losses")
-    restore_rng_state(state.rng)   # last: nothing may draw random numbers between here and step one
+    # Last: nothing may draw random numbers between here and step one. Each rank continues its
+    # own generators when the number of processes is unchanged; otherwise rank 0 continues the
+    # saved (rank 0 / single-process) state and the other ranks start fresh ones, seeded by
+    # (seed, rank, step). Only dropout draws random numbers in training.
+    per_rank = state.rng_per_rank
+    if per_rank is not None and len(per_rank) == where.world_size:
+        restore_rng_state(per_rank[where.rank])
+    elif where.is_main:
+        restore_rng_state(state.rng)
+    else:
+        seed_everything(int(np.random.SeedSequence([run.config.seed, where.rank, state.step]).generate_state(1)[0]))
+
+
+def _checked_config(config: TrainConfig, seq_len: int, world_size: int) -> dict[str, Any]:
+    """The training config as a checkpoint records it: the config, plus how it was run."""
+    return {**config.to_dict(), "world_size": world_size,
+            "global_tokens_per_step": global_tokens_per_step(config, seq_len, world_size)}
+
+
+def _check_global_batch(path: Path, saved: dict[str, Any], current: dict[str, Any], seq_len: int) -> None:
+    """Refuse to continue a checkpoint with a different global batch, saying how to match it."""
+    if "global_tokens_per_step" not in saved:   # written before multi-process training: one process
+        saved["global_tokens_per_step"] = saved["tokens_per_step"] or saved["batch_size"] * seq_len
+    was, now = saved["global_tokens_per_step"], current["global_tokens_per_step"]
+    if was == now:
+        return
+    processes = saved.get("world_size", 1)
+    raise CheckpointMismatch(
+        f"checkpoint {path} was written with a different training config: global_tokens_per_step "
+        f"(checkpoint {was}, now {now}): {processes} process(es) with batch_size={saved['batch_size']} and "
+        f"tokens_per_step={saved['tokens_per_step']}; now {current['world_size']} with "
+        f"batch_size={current['batch_size']} and tokens_per_step={current['tokens_per_step']}. "
+        f"Continue it with {processes} process(es) as before, or set tokens_per_step: {was} to make every update "
+        f"{was} tokens whatever the number of processes; or use another out_dir, or resume='never' to start over.")
 
 
 def _update(run: _Run, data: Batches, step: int) -> tuple[float, float, float]:
     """One optimizer update over `accumulation` micro-batches; returns (loss, grad norm, lr)."""
-    config = run.config
+    config, where = run.config, run.where
     lr = lr_at(step, config)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     run.optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=run.device)
     for micro in range(run.accumulation):
-        # Micro-batch i of update s is data batch s * accumulation + i: with TokenDataset this
-        # reads exactly the rows one big batch of accumulation * batch_size rows would.
-        batch = data.batch(step * run.accumulation + micro)
-        with autocast(run.device, run.dtype):
-            # Each micro-batch loss is a mean; dividing by their number makes the summed gradients
-            # the gradient of the mean over the whole update.
-            loss = _forward_loss(run.forward, batch, run.device, config.doc_masking) / run.accumulation
-        loss.backward()
+        # Micro-batch i of update s is data batch s * accumulation + i with one process: with
+        # TokenDataset this reads exactly the rows one big batch of accumulation * batch_size rows
+        # would. With several, each takes its share of the same batches (micro_batch_index).
+        batch = data.batch(micro_batch_index(step, micro, run.accumulation, where))
+        # DDP averages gradients across processes during backward; on all micro-steps but the
+        # last they only accumulate locally (no_sync), and the last one sends the sum.
+        last = micro == run.accumulation - 1
+        with (run.ddp.no_sync() if run.ddp is not None and not last else contextlib.nullcontext()):
+            with autocast(run.device, run.dtype):
+                # Each micro-batch loss is a mean; dividing by their number makes the summed gradients
+                # the gradient of the mean over the whole update (DDP then averages over processes).
+                loss = _forward_loss(run.forward, batch, run.device, config.doc_masking) / run.accumulation
+            loss.backward()
         total += loss.detach()
-    loss_value = total.item()
+    if where.enabled:   # the update's loss is the mean over processes: every rank sees the same number
+        total = distributed.sum_across(total, where) / where.world_size
+    norm = _clip_gradients(run.model, config.grad_clip)
+    # One wait for the device per update: the loss and the norm come back together, and must,
+    # before the optimizer step, so that a NaN stops training before it reaches the weights.
+    loss_value, grad_norm = torch.stack([total.float(), norm.float()]).tolist()
     if not math.isfinite(loss_value):
         raise TrainingDiverged(step, "training loss", loss_value, run.last_checkpoint, run.history)
-    grad_norm = _clip_gradients(run.model, config.grad_clip)
     if not math.isfinite(grad_norm):
         raise TrainingDiverged(step, "gradient norm", grad_norm, run.last_checkpoint, run.history)
     run.optimizer.step()
     return loss_value, grad_norm, lr
 
 
-def _clip_gradients(model: nn.Module, max_norm: float) -> float:
-    """The global gradient norm before clipping; clipped to max_norm unless that is 0.
+def _clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """The global gradient norm before clipping (a 0-d tensor); clipped to max_norm unless that is 0.
 
     Clipping caps the size of one update, so a single bad batch cannot throw the weights far;
-    the pre-clip norm is the early-warning signal (it climbs before a loss spike)."""
+    the pre-clip norm is the early-warning signal (it climbs before a loss spike). Clipping a
+    non-finite norm spoils the gradients, but the caller stops before they are applied."""
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return norm.item()
+    return norm
 
 
 def _record(history: dict[str, list], step: int, **values: float) -> None:
@@ -544,14 +682,14 @@ def _evaluate_and_sample(run: _Run, val_data: Batches, step: int, sample_fn: Sam
                          on_eval: Callable | None, bar) -> None:
     config = run.config
     val_loss = evaluate(run.forward, run.model, val_data, config.eval_steps, run.device, run.dtype,
-                        config.doc_masking)
+                        config.doc_masking, run.where)
     sample = None
     wants_sample = config.sample_every == 0 or step % config.sample_every == 0 or step == config.max_steps
     if sample_fn is not None and config.sample_tokens > 0 and wants_sample:
         sample = take_sample(sample_fn, run.model, config)
         run.history["sample"].append((step, sample))
     run.history["val_loss"].append((step, val_loss))
-    if config.progress:
+    if config.progress and run.where.is_main:
         bar.write(f"step {step}: val loss {val_loss:.4f}, perplexity {perplexity(val_loss):.1f}"
                   + (f"\n  sample: {sample!r}" if sample is not None else ""))
     if on_eval:
@@ -559,8 +697,17 @@ def _evaluate_and_sample(run: _Run, val_data: Batches, step: int, sample_fn: Sam
 
 
 def _save(run: _Run, step: int) -> None:
-    run.last_checkpoint = save_training_checkpoint(run.checkpoints, run.model, run.optimizer, step,
-                                                   run.history, run.config.to_dict())
+    """Rank 0 writes the checkpoint (weights and optimizer state are the same on every rank);
+    every rank's RNG state goes in it, so an unchanged number of processes resumes exactly."""
+    where = run.where
+    rng_per_rank = distributed.gather_objects(capture_rng_state(), where) if where.enabled else None
+    if not where.is_main:
+        run.last_checkpoint = run.checkpoints / checkpoint_name(step)
+        return
+    run.last_checkpoint = save_training_checkpoint(
+        run.checkpoints, run.model, run.optimizer, step, run.history,
+        _checked_config(run.config, run.seq_len, where.world_size),
+        rng_per_rank=rng_per_rank)
     prune_checkpoints(run.checkpoints, run.config.keep_checkpoints)
 
 
@@ -578,7 +725,7 @@ def _result(run: _Run, resumed_from: int | None, tokens_per_step: int, elapsed_s
     val_loss = history["val_loss"][-1][1] if history["val_loss"] else None
     tokens_per_s = updates * tokens_per_step / trained_s if trained_s > 0 else 0.0
     diagnosis = diagnose(history["train_loss"], history["val_loss"])
-    if run.config.progress:
+    if run.config.progress and run.where.is_main:
         print(diagnosis.report())
     return TrainResult(
         steps=run.config.max_steps, tokens_seen=run.config.max_steps * tokens_per_step,
