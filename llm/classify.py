@@ -41,7 +41,8 @@ from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
 from llm.finetune import (
-    DEVICES, _checker, _from_dict, clip_gradients, lr_at_step, make_optimizer, pad_token_id, prepare_run, set_lr,
+    DEVICES, clip_gradients, config_from_dict, field_checker, lr_at_step, make_optimizer, pad_token_id, prepare_run,
+    set_lr,
 )
 from llm.lora import DEFAULT_TARGETS, LoraSettings, add_lora, count_parameters, is_lora, merge_lora
 from llm.model import GPT, ModelConfig
@@ -75,10 +76,10 @@ class ClassifyConfig:
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
     max_length: int = 128            # tokens per text, boundary token included; longer texts are cut
-    batch_size: int = 16
-    epochs: int = 4
-    lr: float = 2e-4
-    min_lr: float = 2e-5
+    batch_size: int = 32
+    epochs: int = 3                  # SMS spam, tiny model, 'all': ~30 s an epoch on one CPU core
+    lr: float = 5e-4
+    min_lr: float = 5e-5
     warmup_steps: int = 20
     weight_decay: float = 0.1
     grad_clip: float = 1.0
@@ -96,7 +97,7 @@ class ClassifyConfig:
     def __post_init__(self):
         self.labels = tuple(self.labels)
         self.lora_targets = (self.lora_targets,) if isinstance(self.lora_targets, str) else tuple(self.lora_targets)
-        check = _checker("ClassifyConfig")
+        check = field_checker("ClassifyConfig")
         check(len(self.labels) >= 2 and all(isinstance(x, str) and x for x in self.labels), "labels",
               self.labels, "must be two or more non-empty strings")
         check(len(set(self.labels)) == len(self.labels), "labels", self.labels, "must not repeat a label")
@@ -134,7 +135,7 @@ class ClassifyConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ClassifyConfig":
-        return _from_dict(cls, values)
+        return config_from_dict(cls, values)
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "labels": list(self.labels), "lora_targets": list(self.lora_targets)}
@@ -437,7 +438,7 @@ def train_classifier(model: GPT, tokenizer: Tokenizer, train: LabeledTexts, val:
     """Turn `model` (a pretrained or freshly initialised GPT; changed in place) into a classifier.
 
     on_step(step, {loss, lr, grad_norm}) after every update; on_eval(step, {epoch, train_loss,
-    train_accuracy, val_loss, val_accuracy, val_f1, ...}) after every evaluation. Early stopping
+    train_accuracy, val_loss, val_accuracy, val_f1}) after every evaluation. Early stopping
     watches the validation loss; the returned classifier has the weights of the best evaluation.
     """
     config = config or ClassifyConfig()
@@ -445,87 +446,100 @@ def train_classifier(model: GPT, tokenizer: Tokenizer, train: LabeledTexts, val:
     _check_inputs(model, train, val, config)
     model = select_trainable(add_class_head(model, len(config.labels)), config.train, config.last_blocks,
                              config.lora_settings())
-    model.to(device).train()
-    trainable, total = count_parameters(model)
-    inference = Classifier(_base(model), tokenizer, config.labels, config.pooling, config.max_length)
-    model.train()   # Classifier() switched it to eval mode
-    train_ids, train_cut = encode_texts(tokenizer, train.texts, config.max_length)
-    val_ids, val_cut = encode_texts(tokenizer, val.texts, config.max_length)
-    class_weights = _class_weights(train.labels, len(config.labels), device) if config.balance == "weighted" else None
-    rng = np.random.default_rng(config.seed)
-    epoch_index = lambda: _epoch_index(train.labels, config.balance, rng)  # noqa: E731
-    steps_per_epoch = math.ceil(len(epoch_index()) / config.batch_size)
-    total_steps = config.epochs * steps_per_epoch
-    optimizer = make_optimizer(model, config.lr, config.weight_decay)
+    return _Training(model.to(device), tokenizer, train, val, config, device, on_step, on_eval).run()
 
-    history: dict[str, list] = {"train_loss": [], "eval": []}
-    best = {"val_loss": math.inf, "step": 0, "state": None, "val": {}}
-    stale, step, real_tokens, train_seconds, began = 0, 0, 0, 0.0, time.perf_counter()
-    running = _Running()
 
-    def evaluate(epoch: float) -> bool:
-        """Validate; keep the weights if best. True when patience has run out."""
-        nonlocal stale
-        inference.model = _base(model)
-        val_metrics = inference.evaluate(val, config.positive_label) if len(val) else {}
-        model.train()
-        row = {"epoch": epoch, "train_loss": running.loss, "train_accuracy": running.accuracy,
-               "val_loss": val_metrics.get("loss", math.nan), "val_accuracy": val_metrics.get("accuracy", math.nan),
-               "val_f1": val_metrics.get("f1", math.nan)}
-        history["eval"].append({"step": step, **row})
-        if on_eval:
-            on_eval(step, row)
-        running.reset()
-        if not len(val) or val_metrics["loss"] < best["val_loss"]:
-            best.update(val_loss=val_metrics.get("loss", math.inf), step=step, val=val_metrics,
-                        state=copy.deepcopy(model.state_dict()))
-            stale = 0
+class _Training:
+    """One run of train_classifier: its state, an epoch, an evaluation, the result."""
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, train: LabeledTexts, val: LabeledTexts,
+                 config: ClassifyConfig, device: torch.device, on_step: Callback | None, on_eval: Callback | None):
+        self.model, self.train, self.val, self.config, self.device = model, train, val, config, device
+        self.on_step, self.on_eval = on_step, on_eval
+        self.classifier = Classifier(_base(model), tokenizer, config.labels, config.pooling, config.max_length)
+        self.model.train()   # Classifier() switched it to eval mode
+        self.trainable_params, self.total_params = count_parameters(model)
+        self.train_ids, self.truncated = encode_texts(tokenizer, train.texts, config.max_length)
+        self.class_weights = (_class_weights(train.labels, len(config.labels), device)
+                              if config.balance == "weighted" else None)
+        self.rng = np.random.default_rng(config.seed)
+        self.steps_per_epoch = math.ceil(len(_epoch_index(train.labels, config.balance, self.rng)) / config.batch_size)
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.optimizer = make_optimizer(model, config.lr, config.weight_decay)
+        self.history: dict[str, list] = {"train_loss": [], "eval": []}
+        self.best: dict[str, Any] = {"val_loss": math.inf, "step": 0, "state": None, "val": {}}
+        self.stale = self.step = self.real_tokens = 0
+        self.train_seconds, self.began = 0.0, time.perf_counter()
+        self.running = _Running()
+
+    def run(self) -> ClassifyResult:
+        stopped = False
+        with tqdm(total=self.total_steps, disable=not self.config.progress, unit="step", dynamic_ncols=True,
+                  desc=f"classify ({self.config.train})") as bar:
+            for _ in range(self.config.epochs):
+                stopped = self.train_epoch(bar)
+                if not stopped and not self.config.eval_every:
+                    stopped = self.evaluate()
+                if stopped:
+                    break
+        if not self.history["eval"] or self.history["eval"][-1]["step"] != self.step:
+            self.evaluate()   # the last updates, when eval_every did not land on them
+        return self.result(stopped)
+
+    def train_epoch(self, bar) -> bool:
+        """One pass over the training data; True if an evaluation in it ran out of patience."""
+        config = self.config
+        index = _epoch_index(self.train.labels, config.balance, self.rng)
+        for batch in length_bucketed_batches([len(self.train_ids[i]) for i in index], config.batch_size, self.rng):
+            rows = [index[i] for i in batch]
+            ids, lengths = pad_batch([self.train_ids[i] for i in rows], self.classifier.pad_id)
+            labels = torch.tensor([self.train.labels[i] for i in rows], device=self.device)
+            lr = lr_at_step(self.step, self.total_steps, config.lr, config.min_lr, config.warmup_steps)
+            t0 = time.perf_counter()
+            loss, grad_norm, correct = _update(self.model, self.optimizer, ids.to(self.device),
+                                               lengths.to(self.device), labels, config, lr, self.class_weights)
+            self.train_seconds += time.perf_counter() - t0
+            self.step += 1
+            self.real_tokens += int(lengths.sum())
+            self.running.add(loss, correct, len(rows))
+            self.history["train_loss"].append((self.step, loss))
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}", refresh=False)
+            bar.update()
+            if self.on_step:
+                self.on_step(self.step, {"loss": loss, "lr": lr, "grad_norm": grad_norm})
+            if config.eval_every and self.step % config.eval_every == 0 and self.evaluate():
+                return True
+        return False
+
+    def evaluate(self) -> bool:
+        """Validate, keeping the weights if they are the best yet. True when patience has run out."""
+        metrics = self.classifier.evaluate(self.val, self.config.positive_label) if len(self.val) else {}
+        self.model.train()   # evaluate() switched it to eval mode
+        row = {"epoch": self.step / self.steps_per_epoch, "train_loss": self.running.loss,
+               "train_accuracy": self.running.accuracy, "val_loss": metrics.get("loss", math.nan),
+               "val_accuracy": metrics.get("accuracy", math.nan), "val_f1": metrics.get("f1", math.nan)}
+        self.history["eval"].append({"step": self.step, **row})
+        if self.on_eval:
+            self.on_eval(self.step, row)
+        self.running.reset()
+        if not metrics or metrics["loss"] < self.best["val_loss"]:
+            self.best.update(val_loss=metrics.get("loss", math.inf), step=self.step, val=metrics,
+                             state=copy.deepcopy(self.model.state_dict()))
+            self.stale = 0
             return False
-        stale += 1
-        return config.patience > 0 and stale >= config.patience
+        self.stale += 1
+        return self.config.patience > 0 and self.stale >= self.config.patience
 
-    stopped = False
-    with tqdm(total=total_steps, disable=not config.progress, unit="step", desc=f"classify ({config.train})",
-              dynamic_ncols=True) as bar:
-        for epoch in range(config.epochs):
-            index = epoch_index()
-            lengths = [len(train_ids[i]) for i in index]
-            for batch in length_bucketed_batches(lengths, config.batch_size, rng):
-                rows = [index[i] for i in batch]
-                ids, lens = pad_batch([train_ids[i] for i in rows], inference.pad_id)
-                labels = torch.tensor([train.labels[i] for i in rows], device=device)
-                lr = lr_at_step(step, total_steps, config.lr, config.min_lr, config.warmup_steps)
-                t0 = time.perf_counter()
-                loss, grad_norm, correct = _update(model, optimizer, ids.to(device), lens.to(device), labels,
-                                                   config, lr, class_weights)
-                train_seconds += time.perf_counter() - t0
-                step += 1
-                real_tokens += int(lens.sum())
-                running.add(loss, correct, len(rows))
-                history["train_loss"].append((step, loss))
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}", refresh=False)
-                bar.update()
-                if on_step:
-                    on_step(step, {"loss": loss, "lr": lr, "grad_norm": grad_norm})
-                if config.eval_every and step % config.eval_every == 0:
-                    stopped = evaluate(step / steps_per_epoch)
-                    if stopped:
-                        break
-            if not stopped and not config.eval_every:
-                stopped = evaluate(float(epoch + 1))
-            if stopped:
-                break
-    if not history["eval"] or history["eval"][-1]["step"] != step:
-        evaluate(step / steps_per_epoch)   # the last updates, when eval_every did not land on them
-    if best["state"] is not None:
-        model.load_state_dict(best["state"])
-    inference.model = merge_lora(model).eval() if is_lora(model) else model.eval()
-    return ClassifyResult(
-        classifier=inference, steps=step, epochs=step / steps_per_epoch, best_step=best["step"],
-        stopped_early=stopped, train_loss=history["eval"][-1]["train_loss"] if history["eval"] else math.nan,
-        val=best["val"], elapsed_s=time.perf_counter() - began,
-        tokens_per_s=real_tokens / train_seconds if train_seconds else 0.0, trainable_params=trainable,
-        total_params=total, truncated={"train": train_cut, "val": val_cut}, history=history)
+    def result(self, stopped: bool) -> ClassifyResult:
+        self.model.load_state_dict(self.best["state"])
+        self.classifier.model = merge_lora(self.model).eval()
+        return ClassifyResult(
+            classifier=self.classifier, steps=self.step, epochs=self.step / self.steps_per_epoch,
+            best_step=self.best["step"], stopped_early=stopped, train_loss=self.history["eval"][-1]["train_loss"],
+            val=self.best["val"], elapsed_s=time.perf_counter() - self.began,
+            tokens_per_s=self.real_tokens / self.train_seconds if self.train_seconds else 0.0,
+            trainable_params=self.trainable_params, total_params=self.total_params,
+            truncated={"train": self.truncated, "val": self.best["val"].get("truncated", 0)}, history=self.history)
 
 
 def _check_inputs(model: GPT, train: LabeledTexts, val: LabeledTexts, config: ClassifyConfig) -> None:

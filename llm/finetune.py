@@ -1,8 +1,8 @@
 """Supervised instruction tuning: teach the pretrained model to answer, from Alpaca-style records.
 
 Read top to bottom: the config, records -> examples (validation, the loss mask, over-long
-examples), the pieces shared with classification (learning-rate schedule, optimizer, trainable
-parameters), then the loop.
+examples), the pieces shared with classification (learning-rate schedule, optimizer, gradient
+clipping), the result, batches, evaluation, then the loop.
 
 Each record {instruction, input, output} becomes one conversation in the prompt format of
 `llm.chat`, with a loss mask that is True on the response and its end token. The three switches
@@ -35,13 +35,12 @@ from llm.chat import encode_example
 from llm.data import IGNORE_INDEX, PADDING_DOC, Example, LayoutReport, Rows, pack_examples, pad_examples
 from llm.lora import DEFAULT_TARGETS, LoraSettings, add_lora, count_parameters, merge_and_check
 from llm.tokenizer import PAD, Tokenizer
-from llm.train import param_groups, resolve_device
+from llm.train import DEVICES, param_groups, resolve_device
 
 LOSS_ON = ("response", "all")
 LAYOUTS = ("packed", "padded")
 METHODS = ("full", "lora")
 TOO_LONG = ("truncate", "drop")
-DEVICES = ("auto", "cpu", "cuda", "mps")
 
 Callback = Callable[[int, dict], None]
 
@@ -78,7 +77,7 @@ class FinetuneConfig:
 
     def __post_init__(self):
         self.lora_targets = (self.lora_targets,) if isinstance(self.lora_targets, str) else tuple(self.lora_targets)
-        check = _checker("FinetuneConfig")
+        check = field_checker("FinetuneConfig")
         check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
         check(self.max_steps >= 0, "max_steps", self.max_steps, "must be >= 0 (0 = run `epochs` epochs)")
         check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
@@ -106,20 +105,20 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "FinetuneConfig":
-        return _from_dict(cls, values)
+        return config_from_dict(cls, values)
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "lora_targets": list(self.lora_targets)}
 
 
-def _checker(owner: str) -> Callable[[bool, str, Any, str], None]:
+def field_checker(owner: str) -> Callable[[bool, str, Any, str], None]:
     def check(ok: bool, field_name: str, value: Any, rule: str) -> None:
         if not ok:
             raise ValueError(f"{owner}.{field_name} {rule}, got {value!r}")
     return check
 
 
-def _from_dict(cls, values: dict[str, Any]):
+def config_from_dict(cls, values: dict[str, Any]):
     """Build a config dataclass from a plain dict, naming any key that is not a field."""
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - fields)
