@@ -1,0 +1,79 @@
+"""The small routes the HTTP process answers itself: `/`, `/health`, `/v1/models`, `/v1/tokenize`."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import PlainTextResponse
+
+from llm.chat import encode_prompt
+from serving.errors import ApiError
+from serving.schemas import ModelCard, ModelList, TokenizeRequest, TokenizeResponse, TokenSpan
+from serving.text import token_bytes, token_text
+
+STARTED = int(time.time())
+
+
+def add_routes(app: FastAPI, spec) -> None:
+    """spec: the GenerationSpec (its tokenizer, model config and options)."""
+    options = spec.options
+
+    def card() -> ModelCard:
+        return ModelCard(id=options.model_name, created=STARTED, owned_by="llm-from-scratch",
+                         context_length=spec.config.context_length,
+                         max_tokens=min(options.limits.max_tokens, spec.config.context_length),
+                         source=options.model_source or str(options.model_dir))
+
+    @app.get("/", summary="What this server serves")
+    async def index() -> dict:
+        return {"model": options.model_name, "openai_base_url": "/v1", "docs": "/docs",
+                "endpoints": ["POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models",
+                              "POST /v1/introspect", "POST /v1/tokenize", "GET /health"]}
+
+    @app.get("/v1/models", summary="The served model (one)")
+    async def models() -> ModelList:
+        return ModelList(data=[card()])
+
+    @app.get("/v1/models/{model_id:path}", summary="One model")
+    async def model(model_id: str) -> ModelCard:
+        if model_id != options.model_name:
+            raise ApiError(404, f"the model '{model_id}' does not exist here; this server serves "
+                                f"'{options.model_name}'", param="model", code="model_not_found")
+        return card()
+
+    @app.post("/v1/tokenize", summary="Token ids, texts and byte spans of a text or a chat prompt")
+    async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
+        if request.model is not None and request.model != options.model_name:
+            raise ApiError(404, f"the model '{request.model}' does not exist here; this server serves "
+                                f"'{options.model_name}'", param="model", code="model_not_found")
+        tokenizer = spec.tokenizer
+        if request.text is not None:
+            ids = tokenizer.encode(request.text)
+        else:
+            ids = encode_prompt(tokenizer, [{"role": m.role, "content": m.text()} for m in request.messages])
+        spans, at = [], 0
+        for i in ids:
+            size = len(token_bytes(tokenizer, i))
+            spans.append(TokenSpan(id=i, text=token_text(tokenizer, i), byte_start=at, byte_end=at + size))
+            at += size
+        return TokenizeResponse(model=options.model_name, count=len(ids), tokens=spans,
+                                max_context=spec.config.context_length)
+
+
+def replace_litserve_routes(app: FastAPI) -> None:
+    """LitServe owns `GET /` ("litserve running") and answers /health without a content type.
+    Drop its index (ours is added after) and re-serve its health check as text/plain,
+    keeping its logic (every worker ready) and its auth dependency."""
+    health = next(r for r in app.router.routes if getattr(r, "path", None) == "/health")
+    app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) not in ("/", "/health")]
+
+    async def checked(request: Request) -> PlainTextResponse:
+        answer = await health.endpoint(request)
+        return PlainTextResponse(answer.body.decode(), status_code=answer.status_code)
+
+    app.add_api_route("/health", checked, methods=["GET"], dependencies=health.dependencies,
+                      summary="200 'ok' once every worker has loaded the model, else 503",
+                      response_class=PlainTextResponse,
+                      responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+                                 503: {"content": {"text/plain": {"schema": {"type": "string"}}}}})

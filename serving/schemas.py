@@ -1,0 +1,376 @@
+"""Request and response bodies, as strict pydantic models: the server's OpenAPI schema comes from here.
+
+Strict on purpose (schemathesis found 500s in LitServe's OpenAI models on `"n": null`, `n=0`
+and `false` taken as an integer): no type coercion (`"1"`, `1.0` and `true` are not integers),
+no NaN or infinity, no unknown fields. Limits that depend on the served model (context length,
+configured caps) are checked by the routes, which also write them into the OpenAPI schema.
+
+OpenAI fields we accept only at their neutral value (`n` = 1, penalties = 0) are declared so
+that clients sending the defaults work, and anything else gets a 400 naming the field.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+
+class Loose(BaseModel):
+    """Responses: plain models, documented in the OpenAPI schema."""
+    model_config = ConfigDict(extra="forbid")
+
+
+ModelName = Annotated[str, Field(min_length=1, max_length=256, description="The served model's id (GET /v1/models).")]
+Seed = Annotated[int, Field(ge=-(2 ** 63), le=2 ** 64 - 1)]
+Penalty = Annotated[float, Field(ge=0, le=0, description="Only 0 (no penalty) is supported.")]
+# Not Literal[1] / Literal[False]: pydantic lets `true` and `1.0` through a Literal[1], `0` through a Literal[False].
+def _only_one(value: int) -> int:
+    if value != 1:
+        raise ValueError(f"only 1 is supported, got {value}")
+    return value
+
+
+def _only_false(value: bool) -> bool:
+    if value:
+        raise ValueError("only false is supported")
+    return value
+
+
+OnlyOne = Annotated[int, AfterValidator(_only_one), WithJsonSchema({"type": "integer", "const": 1})]
+OnlyFalse = Annotated[bool, AfterValidator(_only_false), WithJsonSchema({"type": "boolean", "const": False})]
+
+
+# --- generation requests ------------------------------------------------------------------------
+
+class StreamOptions(Strict):
+    include_usage: bool | None = Field(None, description="Send usage in one extra chunk with no choices, "
+                                                         "as OpenAI does. Without it the last chunk carries usage.")
+
+
+class Sampling(Strict):
+    """Fields shared by chat and text completions."""
+    model: ModelName
+    max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most; finish_reason "
+                                                           "'length' when reached.")
+    temperature: float | None = Field(None, ge=0, le=2, description="0 is greedy. Default 1.")
+    top_p: float | None = Field(None, ge=0, le=1, description="Nucleus sampling mass. Default 1.")
+    n: OnlyOne | None = Field(None, description="Only 1 choice per request is supported.")
+    stream: bool | None = Field(None, description="Server-sent events, ending with `data: [DONE]`.")
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = Field(None, description="Up to 4 strings; the text ends before the first one.")
+    seed: Seed | None = Field(None, description="Same seed and request: same tokens (best effort).")
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    user: str | None = Field(None, max_length=256, description="Accepted and ignored.")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value):
+        stops = [value] if isinstance(value, str) else value
+        if stops is not None and len(stops) > 4:
+            raise ValueError("at most 4 stop strings")
+        if stops is not None and any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    def stop_list(self) -> list[str]:
+        return [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart] = Field(description="Text, or a list of text parts (joined).")
+    name: str | None = Field(None, max_length=256, description="Accepted and ignored.")
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens.")
+    logprobs: bool | None = Field(None, description="Return the log probability of each output token.")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="Also the k likeliest tokens at each "
+                                                                    "position; needs logprobs true.")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if (self.max_tokens is not None and self.max_completion_tokens is not None
+                and self.max_tokens != self.max_completion_tokens):
+            raise ValueError("max_tokens and max_completion_tokens differ; send one of them")
+        return self
+
+    def token_budget(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(Sampling):
+    prompt: str | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] = Field(
+        description="Text, or token ids. An empty text starts a new document.")
+    logprobs: int | None = Field(None, ge=0, le=5, description="Log probabilities of each output token and "
+                                                               "of the k likeliest alternatives (legacy "
+                                                               "completions semantics).")
+    echo: OnlyFalse | None = Field(None, description="Only false is supported.")
+    best_of: OnlyOne | None = None
+    suffix: None = Field(None, description="Not supported.")
+
+    def token_budget(self) -> int | None:
+        return self.max_tokens
+
+
+# --- generation responses ------------------------------------------------------------------------
+
+class Usage(Loose):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(Loose):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(Loose):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(Loose):
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None = None
+
+
+class AssistantMessage(Loose):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    refusal: None = None
+
+
+class ChatChoice(Loose):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(Loose):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class CompletionLogprobs(Loose):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
+class CompletionChoice(Loose):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: Literal["stop", "length"]
+
+
+class Completion(Loose):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class ChatDelta(Loose):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(Loose):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletionChunk(Loose):
+    """One event of a streamed chat completion. `usage`: see StreamOptions."""
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChunkChoice(Loose):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionChunk(Loose):
+    """One event of a streamed text completion."""
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+
+
+# --- models, tokenize, errors --------------------------------------------------------------------
+
+class ModelCard(Loose):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    context_length: int
+    max_tokens: int
+    source: str
+
+
+class ModelList(Loose):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def _exactly_one_of(*names: str) -> ConfigDict:
+    """Fields given as `T = None` (absent, never null) and a schema saying one must be present."""
+    return ConfigDict(strict=True, extra="forbid", allow_inf_nan=False,
+                      json_schema_extra={"oneOf": [{"required": [name]} for name in names]})
+
+
+class TokenizeRequest(Strict):
+    model_config = _exactly_one_of("text", "messages")
+    model: ModelName | None = None
+    text: str = Field(None, description="Plain text; special-token strings stay plain text.")
+    messages: list[ChatMessage] = Field(None, min_length=1, description="A conversation, encoded with the "
+                                                                        "chat template as a generation prompt.")
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.text is None) == (self.messages is None):
+            raise ValueError("send exactly one of text or messages")
+        return self
+
+
+class TokenSpan(Loose):
+    id: int
+    text: str = Field(description="The token for display: its text, <0xNN> for a lone byte.")
+    byte_start: int = Field(description="Offset of the token's first byte in the UTF-8 of the decoded text.")
+    byte_end: int
+
+
+class TokenizeResponse(Loose):
+    model: str
+    count: int
+    tokens: list[TokenSpan]
+    max_context: int
+
+
+class ErrorDetail(Loose):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(Loose):
+    error: ErrorDetail
+
+
+# --- introspection -------------------------------------------------------------------------------
+
+class AttentionRequest(Strict):
+    layers: list[Annotated[int, Field(ge=0)]] = Field(min_length=1, description="0-based block indices.")
+    heads: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1,
+                                                            description="0-based head indices; all heads if omitted.")
+
+
+class IntrospectRequest(Strict):
+    model_config = _exactly_one_of("text", "token_ids")
+    model: ModelName | None = None
+    text: str = Field(None, min_length=1, description="Text to analyse (special-token strings stay text).")
+    token_ids: list[Annotated[int, Field(ge=0)]] = Field(None, min_length=1, description="Or token ids.")
+    top_k: int = Field(5, ge=1, description="Candidates per position, for the next token and the logit lens.")
+    attention: AttentionRequest | None = Field(None, description="Attention maps to return (none by default).")
+    logit_lens: bool = Field(False, description="Top-k read-out of the residual stream after every layer.")
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.text is None) == (self.token_ids is None):
+            raise ValueError("send exactly one of text or token_ids")
+        return self
+
+
+class Candidate(Loose):
+    id: int
+    text: str
+    prob: float
+
+
+class IntrospectToken(Loose):
+    position: int
+    id: int
+    text: str
+    byte_start: int
+    byte_end: int
+    prob: float | None = Field(description="p(token | tokens before it); null for the first token.")
+    surprisal_bits: float | None = Field(description="-log2 prob: how unexpected the token was.")
+    next: list[Candidate] = Field(description="The top-k candidates for the token after this one.")
+
+
+class HeadMap(Loose):
+    head: int
+    weights: list[list[float]] = Field(description="weights[q][k]: attention of query position q to key "
+                                                   "position k; each row sums to 1.")
+
+
+class LayerAttention(Loose):
+    layer: int
+    heads: list[HeadMap]
+
+
+class LensLayer(Loose):
+    layer: int = Field(description="0 = the embeddings, i = the residual stream after block i-1.")
+    label: str
+    positions: list[list[Candidate]]
+
+
+class IntrospectResponse(Loose):
+    model: str
+    tokens: list[IntrospectToken]
+    attention: list[LayerAttention] | None
+    logit_lens: list[LensLayer] | None
+    caps: dict[str, int] = Field(description="The size caps this server applies to introspection requests.")

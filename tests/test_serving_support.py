@@ -1,0 +1,117 @@
+"""Shared pieces of the serving tests: a tiny model folder, and a real server in a subprocess.
+
+(No tests here; pytest puts this folder on sys.path, so the other test_serving* modules import it.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from llm.model import GPT, ModelConfig
+from llm.tokenizer import train_char
+from serving.loading import save_model_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Some multi-byte text, so byte-fallback tokens and byte spans get exercised.
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello world! How are you today?",
+         "Café naïve résumé", "東京 and 大阪", "a b c d e f g h i j k l m n o p"] * 10
+
+
+def make_model_dir(folder: Path, seed: int = 0, **overrides) -> Path:
+    """A random 2-layer model with a character tokenizer, saved as a model folder."""
+    tokenizer = train_char(TEXTS, progress=False)
+    torch.manual_seed(seed)
+    config = ModelConfig.from_preset("tiny", **{**dict(n_layer=2, d_model=64, n_head=4,
+                                                       vocab_size=tokenizer.vocab_size), **overrides})
+    return save_model_dir(GPT(config), tokenizer, folder)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+class Server:
+    """`python -m serving ...` in its own session (so Ctrl-C semantics are ours to test and the
+    whole group can be killed as a backstop)."""
+
+    def __init__(self, *args: str, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        # A file, not a pipe: a chatty server must never block on a full pipe.
+        self.log = tempfile.TemporaryFile(mode="w+")
+        command = [sys.executable, "-m", "serving", "--port", str(self.port), *args]
+        self.process = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=self.log,
+                                        stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def wait_healthy(self, timeout_s: float = 180) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited {self.process.returncode}:\n{self.output()[-5000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("server did not become healthy")
+
+    def stop(self, timeout_s: float = 30, presses: int = 1) -> float:
+        """SIGINT the server as Ctrl-C would (`presses` times, 0.2 s apart); the seconds until its
+        whole process group was gone. Kills the group as a backstop and fails if anything had to be
+        killed."""
+        start = time.monotonic()
+        try:
+            for press in range(presses):
+                if press:
+                    time.sleep(0.2)
+                self.process.send_signal(signal.SIGINT)
+            self.process.wait(timeout=timeout_s)
+            while group_alive(self.process.pid) and time.monotonic() - start < timeout_s:
+                time.sleep(0.1)
+            orphans = group_alive(self.process.pid)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            if self.process.poll() is None:
+                self.process.kill()
+        assert not orphans, f"processes of the server outlived it:\n{self.output()[-3000:]}"
+        return time.monotonic() - start
+
+
+@contextlib.contextmanager
+def running(*args: str, env: dict | None = None):
+    server = Server(*args, env=env)
+    try:
+        server.wait_healthy()
+        yield server
+    finally:
+        if server.process.poll() is None or group_alive(server.process.pid):
+            server.stop()
