@@ -220,6 +220,27 @@ class InstructParams(mirror(FinetuneConfig)):
         return _build(FinetuneConfig, self.model_dump(exclude=own))
 
 
+class JudgeParams(Strict):
+    backend: Literal["local", "openai"] = "local"  # local: the downloaded GGUF served on 127.0.0.1
+    base_url: str = ""          # backend openai: the endpoint, up to and including /v1
+    model: str = ""             # backend openai: the model name to ask for
+    api_key_env: str = ""       # backend openai: the environment variable holding the API key, if any
+    gguf_sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$")  # of the assembled local judge model
+    n_ctx: int = Field(4096, ge=512)
+    max_items: int = Field(40, ge=2)            # test items judged (4 judgements each)
+    min_separation: float = Field(20.0, ge=0)   # reference minus mismatched mean below this: unreliable
+    timeout_s: float = Field(120.0, gt=0)       # per judge request
+    retries: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _backend_complete(self) -> "JudgeParams":
+        if self.backend == "openai" and not (self.base_url and self.model):
+            raise ValueError("backend 'openai' needs base_url and model")
+        if self.backend == "local" and not self.gguf_sha256:
+            raise ValueError("backend 'local' needs gguf_sha256 (of the assembled judge model)")
+        return self
+
+
 # --- where stages run -----------------------------------------------------------------------------
 
 class ExecutionParams(Strict):
@@ -245,6 +266,7 @@ class Params(Strict):
     pretrain: PretrainParams = PretrainParams()
     classify: ClassifyParams = ClassifyParams()
     instruct: InstructParams = InstructParams()
+    judge: Optional[JudgeParams] = None
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

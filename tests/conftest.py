@@ -13,6 +13,7 @@ import pytest
 
 import flows  # noqa: F401  (the project's quiet/offline environment defaults)
 from flows import servers
+from judge_model import judge_gguf  # noqa: F401  (a session fixture shared by the judge tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent

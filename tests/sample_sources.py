@@ -195,10 +195,13 @@ def alpaca_json(root: Path, items: int = 40, seed: int = 3) -> Path:
     return path
 
 
-def tiny_pipeline_params(root: Path) -> dict:
-    """params.yaml for the whole pipeline on tiny local data: minutes on 2 cores, for e2e tests."""
+def tiny_pipeline_params(root: Path, judge_gguf: Path | None = None) -> dict:
+    """params.yaml for the whole pipeline on tiny local data: minutes on 2 cores, for e2e tests.
+
+    With judge_gguf (the real default judge, assembled), the judge stage gets it as its one part.
+    """
     corpus = english_corpus(root)
-    return {
+    params = {
         "project": {"name": "testllm", "experiment": "tests", "seed": 7},
         "download": {"retries": 0, "timeout_s": 10, "sources": [
             {"name": "corpus", "uri": f"file:{corpus}", "role": "pretrain", "include": ["*.txt"]},
@@ -221,3 +224,9 @@ def tiny_pipeline_params(root: Path) -> dict:
         "instruct": {"epochs": 2, "batch_size": 4, "lr": 0.002, "warmup_steps": 2, "threads": 1, "progress": False,
                      "val_fraction": 0.1, "test_fraction": 0.1, "max_new_tokens": 8, "generate_batch_size": 4},
     }
+    if judge_gguf is not None:
+        from judge_model import GGUF_SHA256
+        params["download"]["sources"].append(
+            {"name": "judge-part01", "uri": f"file:{judge_gguf}", "role": "asset", "sha256": GGUF_SHA256})
+        params["judge"] = {"gguf_sha256": GGUF_SHA256, "max_items": 3, "min_separation": 30, "n_ctx": 2048}
+    return params

@@ -21,9 +21,10 @@ from llm.tokenizer import load_tokenizer
 pytestmark = pytest.mark.e2e
 
 
-def test_tiny_pipeline_end_to_end(pipeline_repo, prefect_api, tmp_path):
+def test_tiny_pipeline_end_to_end(pipeline_repo, prefect_api, judge_gguf, tmp_path):
     repo = pipeline_repo
-    (repo / "params.yaml").write_text(yaml.safe_dump(samples.tiny_pipeline_params(tmp_path), sort_keys=False))
+    params = samples.tiny_pipeline_params(tmp_path, judge_gguf)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = stage_env(repo)
     dvc(repo, "repro", "pack", env=env)
 
@@ -86,8 +87,17 @@ def test_tiny_pipeline_end_to_end(pipeline_repo, prefect_api, tmp_path):
     assert set(responses[0]) == {"instruction", "input", "reference", "base_response", "tuned_response"}
     assert [int(v.version) for v in client.search_model_versions("name = 'testllm-instruct'")] == [1]
 
+    # judge: the real local judge, calibrated on the same items; a re-run is answered by the cache
+    dvc(repo, "repro", "judge", env=env)
+    judged = json.loads((repo / "data/judge/metrics.json").read_text())
+    assert judged["items"] == 3 and judged["requests_sent"] >= 12  # 4 judgements an item, retries aside
+    assert isinstance(judged["reliable"], bool) and judged["calibration"]["separation"]["n"] >= 1
+    assert judged["calibration"]["reliable"] == (judged["calibration"]["separation"]["value"] >= 30)
+    assert len((repo / "data/judge/items.jsonl").read_text().splitlines()) == 3
+    dvc(repo, "repro", "--force", "judge", env=env)
+    assert json.loads((repo / "data/judge/metrics.json").read_text())["requests_sent"] == 0
+
     # A tokenizer from another run is refused by the packed data.
-    params = yaml.safe_load((repo / "params.yaml").read_text())
     params["tokenizer"]["vocab_size"] = 420
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     dvc(repo, "repro", "tokenizer", env=env)
