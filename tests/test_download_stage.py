@@ -73,7 +73,7 @@ def test_dvc_repro_download_every_scheme(pipeline_repo, prefect_api, tmp_path):
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "lock"], repo)
     # One knob changed from the command line, as an experiment DVC can list.
-    dvc(repo, "exp", "run", "-S", "download.timeout_s=30", env=env)
+    dvc(repo, "exp", "run", "download", "-S", "download.timeout_s=30", env=env)
     assert '"timeout_s": 30' in dvc(repo, "exp", "show", "--json", env=env).stdout.replace("\n", "")
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["download"]["timeout_s"] = 20

@@ -90,7 +90,8 @@ def test_tiny_pipeline_end_to_end(pipeline_repo, prefect_api, judge_gguf, tmp_pa
     # judge: the real local judge, calibrated on the same items; a re-run is answered by the cache
     dvc(repo, "repro", "judge", env=env)
     judged = json.loads((repo / "data/judge/metrics.json").read_text())
-    assert judged["items"] == 3 and judged["requests_sent"] >= 12  # 4 judgements an item, retries aside
+    # 4 judgements an item; identical prompts (base and tuned saying the same) are asked once
+    assert judged["items"] == 3 and judged["requests_sent"] >= 2 * 3
     assert isinstance(judged["reliable"], bool) and judged["calibration"]["separation"]["n"] >= 1
     assert judged["calibration"]["reliable"] == (judged["calibration"]["separation"]["value"] >= 30)
     assert len((repo / "data/judge/items.jsonl").read_text().splitlines()) == 3
