@@ -293,7 +293,9 @@ def test_bad_requests_get_4xx_json_errors(http, path, body, status, words):
 def test_fuzzing_from_the_openapi_schema_finds_no_server_error(server):
     """schemathesis generates valid and invalid requests from /openapi.json. Every check but
     positive_data_acceptance: some valid-by-schema requests are refused on purpose (a prompt longer
-    than the context, both `text` and `token_ids`), which a JSON schema cannot express."""
+    than the context, both `text` and `token_ids`), which a JSON schema cannot express.
+    One worker: with several, hypothesis parses lambdas' source in threads, which CPython 3.11
+    can fail on ("AST constructor recursion depth mismatch", seen once in CI here)."""
     cli = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
     if cli is None:
         pytest.skip("schemathesis is not installed (pip install -e '.[test]')")
@@ -301,7 +303,7 @@ def test_fuzzing_from_the_openapi_schema_finds_no_server_error(server):
     result = subprocess.run(
         [cli, "--no-color", "run", f"{server.url}/openapi.json", "--checks", "all",
          "--exclude-checks", "positive_data_acceptance", "--max-examples", "25", "--seed", "1",
-         "--max-time", "35", "--workers", "2", "--request-timeout", "20", "--suppress-health-check", "all"],
+         "--max-time", "35", "--workers", "1", "--request-timeout", "20", "--suppress-health-check", "all"],
         capture_output=True, text=True, timeout=120)
     print(f"schemathesis: {time.monotonic() - start:.0f} s\n{result.stdout[-1500:]}")
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
