@@ -6,6 +6,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 POOL   ?= llm-gpu
+# The browser the web-page test drives: Debian's chromium (Playwright's own download needs the internet).
+CHROMIUM ?= /usr/bin/chromium
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup run test ui stop worker clean help
 
@@ -25,8 +28,13 @@ $(STAMP): pyproject.toml
 run: setup       ## run the whole pipeline (dvc repro) against a local Prefect server
 	$(PY) -m flows.pipeline
 
-test: setup      ## run the test suite
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: setup $(CHROMIUM)  ## run the test suite
+	CHROMIUM=$(CHROMIUM) $(PY) -m pytest $(PYTEST_ARGS)
+
+$(CHROMIUM):
+	@command -v apt-get >/dev/null || { echo "no apt-get: install Chromium and run make test CHROMIUM=/path/to/it"; exit 1; }
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium
 
 ui: setup        ## start the Prefect and MLflow UIs on 127.0.0.1 and print their URLs
 	$(PY) -m flows.ui start

@@ -89,8 +89,12 @@ class Stage:
     def mlflow_url(self) -> str:
         return f"{mlflow_ui_url()}/#/experiments/{self.run.info.experiment_id}/runs/{self.run.info.run_id}"
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        mlflow.log_metrics({metric_name(k): float(v) for k, v in metrics.items()}, step=step)
+    def log_metrics(self, metrics: dict, step: int | None = None, prefix: str = "") -> None:
+        """Log the numbers among `metrics` (callbacks hand over whatever they have), names
+        prefixed with `prefix.` when given."""
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        mlflow.log_metrics({metric_name(f"{prefix}.{k}" if prefix else k): float(v) for k, v in numbers.items()},
+                           step=step)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         mlflow.log_artifact(str(path), artifact_path)

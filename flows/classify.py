@@ -31,13 +31,10 @@ OUT = Path("data/classify")
 
 @task
 def tune(name: str, model: GPT, tokenizer, train: LabeledTexts, val: LabeledTexts, config, stage):
-    def on_step(step: int, m: dict) -> None:
-        stage.log_metrics({f"{name}.{k}": v for k, v in m.items() if isinstance(v, (int, float))}, step=step)
+    def log(step: int, m: dict) -> None:
+        stage.log_metrics(m, step=step, prefix=name)
 
-    def on_eval(step: int, m: dict) -> None:
-        stage.log_metrics({f"{name}.{k}": v for k, v in m.items() if isinstance(v, (int, float))}, step=step)
-
-    return train_classifier(model, tokenizer, train, val, config, on_step=on_step, on_eval=on_eval)
+    return train_classifier(model, tokenizer, train, val, config, on_step=log, on_eval=log)
 
 
 def confusion_png(matrix: list[list[int]], labels: list[str], path: Path, title: str) -> None:

@@ -69,7 +69,7 @@ def instruct_flow(params: Params) -> dict:
         curve = []
 
         def on_step(step: int, m: dict) -> None:
-            stage.log_metrics({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=step)
+            stage.log_metrics(m, step=step)
 
         def on_eval(step: int, m: dict) -> None:
             curve.append((step, m["val_loss"]))

@@ -90,6 +90,7 @@ def judge_flow(params: Params) -> dict:
             with endpoint(params) as (base_url, model):
                 judge = Judge(JudgeConfig(base_url=base_url, model=model, api_key_env=p.api_key_env or None,
                                           timeout_s=p.timeout_s, retries=p.retries, seed=params.project.seed,
+                                          scoring=p.scoring,
                                           cache_path=str(CACHE / "judgements.jsonl")))
                 scored = {label: score(judge, items, label) for label, items in
                           (("reference", references), ("mismatched", wrong), ("base", base), ("tuned", tuned))}
@@ -104,12 +105,13 @@ def judge_flow(params: Params) -> dict:
         write_items(rows, scored, OUT / "items.jsonl")
         log_table(stage, rows, scored)
 
-        metrics = {"items": len(rows), "judge_model": model, "reliable": check["reliable"], "calibration": check,
+        metrics = {"items": len(rows), "judge_model": model, "scoring": p.scoring,
+                   "reliable": check["reliable"], "calibration": check,
                    "base": base_mean, "tuned": tuned_mean, "tuned_win_rate": wins, "unscored": unscored,
                    "requests_sent": judge.requests_sent}
         verdict = "reliable" if check["reliable"] else "**UNRELIABLE**: do not trust the scores below"
         sep = check["separation"]
-        summary = (f"Judge `{model}` on {len(rows)} items: {verdict}.\n\n"
+        summary = (f"Judge `{model}` ({p.scoring}) on {len(rows)} items: {verdict}.\n\n"
                    f"| | mean score | 95% interval |\n|---|---|---|\n"
                    f"| reference answers | {check['reference_mean']['value']:.1f} | {_interval(check['reference_mean'])} |\n"
                    f"| mismatched answers | {check['mismatched_mean']['value']:.1f} | {_interval(check['mismatched_mean'])} |\n"

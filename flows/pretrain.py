@@ -1,7 +1,8 @@
 """Pretrain stage: train the GPT on the packed tokens, resumably, and read its loss curve.
 
 Output: data/pretrain/model/ (model.safetensors, config.json, tokenizer/: the folder every later
-stage and the server load), data/pretrain/curves/{train,val}.csv (DVC plots), metrics.json.
+stage and the server load), data/pretrain/curves/{train,val}.csv (DVC plots), samples.txt (what
+the trained model writes), metrics.json (with the unigram baseline its val loss must beat).
 Registered in MLflow as <project.name>-base.
 
 Checkpoints live in data/pretrain/checkpoints/<run key>/, which DVC keeps between runs
@@ -36,7 +37,7 @@ from flows._stage import StageError, as_params, metric_name, main, stage_run
 from llm import distributed
 from llm.checkpoint import CheckpointMismatch
 from llm.config import Params
-from llm.data import TokenDataset
+from llm.data import TokenDataset, unigram_loss
 from llm.files import atomic_dir
 from llm.generate import generate
 from llm.model import GPT, WEIGHTS_FILE, ModelConfig, num_params, save_checkpoint
@@ -56,11 +57,25 @@ def run_key(*parts: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+# Sampled, not greedy: greedy decoding of a small model loops ("of the of the ..."), which says
+# more about greedy decoding than about what the model learned. Seeded, so runs compare.
+SAMPLING = dict(temperature=0.8, top_k=50, seed=0)
+FINAL_PROMPTS = ("The", "It was a", "In the year")
+
+
 def sampler(tokenizer):
     def sample(model, prompt: str, max_new_tokens: int) -> str:
-        [completion] = generate(model, [tokenizer.encode(prompt)], max_new_tokens, truncate_prompt=True)
+        [completion] = generate(model, [tokenizer.encode(prompt)], max_new_tokens, truncate_prompt=True,
+                                **SAMPLING)
         return prompt + tokenizer.decode(completion.tokens)
     return sample
+
+
+def final_samples(model: GPT, tokenizer, max_new_tokens: int) -> list[str]:
+    """What the trained model writes after a few everyday openings."""
+    model.eval()
+    sample = sampler(tokenizer)
+    return [sample(model, prompt, max_new_tokens) for prompt in FINAL_PROMPTS]
 
 
 class Curves:
@@ -166,20 +181,29 @@ def pretrain_flow(params: Params) -> dict:
         for path in (OUT / "curves" / "train.csv", OUT / "curves" / "val.csv"):
             stage.log_artifact(path, "curves")
 
+        # The context-blind baseline: a model that does not beat it has learned no word order.
+        unigram = unigram_loss(train_data.tokens, val_data.tokens, model_config.vocab_size)
         metrics = {
             "parameters": num_params(model), "steps": result.steps, "tokens_seen": result.tokens_seen,
             "train_loss": result.train_loss, "val_loss": result.val_loss, "val_ppl": result.val_ppl,
+            "unigram_val_loss": unigram,
             "tokens_per_s": result.tokens_per_s, "elapsed_s": result.elapsed_s,
             "resumed_from_step": result.resumed_from or 0, "registered_version": int(version or 0),
             **result.diagnosis.metrics(),
         }
-        samples = result.history.get("sample", [])
+        samples = final_samples(model, tokenizer, max(train_config.sample_tokens, 32))
+        (OUT / "samples.txt").write_text("\n\n".join(samples) + "\n")
+        stage.log_artifact(OUT / "samples.txt")
+        for text in samples:
+            log.info(f"sample: {text!r}")
         summary = (f"{metrics['parameters']:,} parameters, {result.steps} steps, {result.tokens_seen:,} tokens, "
                    f"{result.tokens_per_s:,.0f} tokens/s.\n\n"
-                   f"| train loss | val loss | val ppl |\n|---|---|---|\n"
-                   f"| {result.train_loss:.3f} | {result.val_loss or float('nan'):.3f} | {result.val_ppl or float('nan'):.1f} |\n\n"
+                   f"| train loss | val loss | val ppl | unigram baseline (val) |\n|---|---|---|---|\n"
+                   f"| {result.train_loss:.3f} | {result.val_loss or float('nan'):.3f} | "
+                   f"{result.val_ppl or float('nan'):.1f} | {unigram:.3f} |\n\n"
                    f"**Loss curve**: {result.diagnosis.report()}\n\n"
-                   + (f"**Last sample**: {samples[-1][1]!r}" if samples else ""))
+                   f"**Samples** (temperature {SAMPLING['temperature']}, top-k {SAMPLING['top_k']}):\n\n"
+                   + "\n".join(f"- {text!r}" for text in samples))
         return stage.finish(metrics, summary)
 
 

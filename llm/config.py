@@ -227,6 +227,9 @@ class JudgeParams(Strict):
     api_key_env: str = ""       # backend openai: the environment variable holding the API key, if any
     gguf_sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$")  # of the assembled local judge model
     n_ctx: int = Field(4096, ge=512)
+    # yes_probability: 100 x P("Yes") to "is this a correct answer?" (needs logprobs; measured far
+    # better calibrated with the local judge); rubric: the judge writes a 0-100 number.
+    scoring: Literal["yes_probability", "rubric"] = "yes_probability"
     max_items: int = Field(40, ge=2)            # test items judged (4 judgements each)
     min_separation: float = Field(20.0, ge=0)   # reference minus mismatched mean below this: unreliable
     timeout_s: float = Field(120.0, gt=0)       # per judge request

@@ -230,6 +230,15 @@ class TokenDataset:
         return self._epoch_cache[1], self._epoch_cache[2]
 
 
+def unigram_loss(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int) -> float:
+    """The baseline a language model must beat: the validation loss (nats per token) of guessing
+    every token from its frequency in the training tokens, blind to context. Add-one smoothing,
+    so a token unseen in training costs a finite amount."""
+    counts = np.bincount(train_tokens, minlength=vocab_size).astype(np.float64) + 1.0
+    log_probs = np.log(counts / counts.sum())
+    return float(-log_probs[val_tokens].mean())
+
+
 def document_ids(inputs: torch.Tensor, boundary_id: int) -> torch.Tensor:
     """(B, T) ids that change exactly where a boundary token starts a new document."""
     return (inputs == boundary_id).long().cumsum(dim=1)

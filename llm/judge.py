@@ -2,8 +2,10 @@
 
 Raschka's chapter 7 asks a larger model for a 0-100 score of each response given the instruction
 and the correct output. This module does that for any server that speaks `/v1/chat/completions`
-(OpenAI, vLLM, llama.cpp, the local default judge of `llm.judge_server`), with the care a judge
-needs to be trusted:
+(OpenAI, vLLM, llama.cpp, the local default judge of `llm.judge_server`), in one of two ways:
+`yes_probability` (default) asks "is the candidate a correct answer? Yes or No" and scores
+100 x P(Yes) from the first token's logprobs; `rubric` asks for the number itself. Either way,
+with the care a judge needs to be trusted:
 
 - Deterministic requests (temperature 0, fixed seed), so a judgement can be cached and replayed.
 - Robust parsing: an answer that holds no clear score gets one stricter follow-up question; if that
@@ -34,6 +36,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 
 SCORE_MIN, SCORE_MAX = 0.0, 100.0
+SCORING_METHODS = ("yes_probability", "rubric")
 
 
 class JudgeError(RuntimeError):
@@ -56,8 +59,13 @@ class JudgeConfig:
     retries: int = 2                    # extra attempts after a transient failure
     backoff_s: float = 1.0              # first pause between attempts; doubles each time
     max_tokens: int = 64                # a score needs a few tokens; a chatty judge gets room for one sentence
+    scoring: str = "yes_probability"    # or "rubric": ask for a 0-100 number (see VERDICT below)
     seed: int = 1337
     cache_path: Optional[str] = None    # JSONL file of past judgements; None = no cache
+
+    def __post_init__(self) -> None:
+        if self.scoring not in SCORING_METHODS:
+            raise ValueError(f"scoring must be one of {SCORING_METHODS}, got {self.scoring!r}")
 
     def resolved_api_key(self) -> Optional[str]:
         if self.api_key:
@@ -72,8 +80,9 @@ class JudgeConfig:
 
 # --- the rubric ---------------------------------------------------------------------------------
 
-# Chosen by measurement with the default 1.5B judge on 10 items (mean score of reference answers /
-# of mismatched answers): this prompt 100 / 35. Without the "scores 0, however well written"
+# scoring "rubric", for endpoints without logprobs. Chosen by measurement with the default 1.5B
+# judge on 10 hand-picked items (mean score of reference answers / of mismatched answers): this
+# prompt 100 / 35 (on 40 default Alpaca items, though: 100 / 78; see VERDICT). Without the "scores 0, however well written"
 # sentence: 100 / 55; with the response shown before the reference: 100 / 75; asking for one
 # sentence of reasoning before the score: 40 / 0 (it argued itself out of correct answers).
 SYSTEM_PROMPT = "You are a strict grader."
@@ -117,6 +126,55 @@ def strict_messages(messages: list[dict], first_answer: str) -> list[dict]:
     """The same conversation, plus the unreadable answer and a demand for a bare number."""
     return [*messages, {"role": "assistant", "content": first_answer},
             {"role": "user", "content": STRICT_FOLLOW_UP}]
+
+
+# --- the yes/no verdict (the default) ------------------------------------------------------------
+
+# Measured with the default 1.5B judge on 40 default items: asked for a 0-100 number (RUBRIC and
+# two other phrasings), it gave the references of *other* items 67-78 on average, references 100:
+# it cannot write a calibrated number. Asked "Yes or No", its probability of "Yes" (x 100) gave
+# mismatched answers 26 and references 91 (12 and 6 items). So the default score is that
+# probability, read from the first token's top logprobs (max_tokens 1, hence also fast).
+VERDICT = """Instruction: {instruction}{input_line}
+
+Correct answer: {reference}
+
+Candidate answer: {response}
+
+Is the candidate answer a correct answer to this instruction, saying what the correct answer says? Reply Yes or No."""
+
+STRICT_VERDICT = "Reply with one word: Yes or No."
+VERDICT_TOP_LOGPROBS = 10
+MIN_VERDICT_MASS = 0.5   # less probability than this on Yes + No: the judge meant something else
+
+
+def verdict_messages(instruction: str, input_text: str, reference: str, response: str) -> list[dict]:
+    input_line = f"\nInput: {_clip(input_text)}" if input_text and input_text.strip() else ""
+    prompt = VERDICT.format(instruction=_clip(instruction), input_line=input_line,
+                            reference=_clip(reference), response=_clip(response) or "(empty)")
+    return [{"role": "user", "content": prompt}]
+
+
+def yes_probability(answer: str) -> Optional[float]:
+    """100 x P(yes) / (P(yes) + P(no)) from the first token's top logprobs (the JSON list of
+    [token, logprob] the endpoint returned); None when Yes and No hold too little probability."""
+    yes = no = 0.0
+    for token, logprob in json.loads(answer):
+        word = token.strip().lower()
+        if word == "yes":
+            yes += math.exp(logprob)
+        elif word == "no":
+            no += math.exp(logprob)
+    if yes + no < MIN_VERDICT_MASS:
+        return None
+    return round(SCORE_MAX * yes / (yes + no), 2)
+
+
+def strict_verdict_messages(messages: list[dict], first_answer: str) -> list[dict]:
+    """The same conversation, plus the judge's likeliest first token and a demand for Yes or No."""
+    top = max(json.loads(first_answer), key=lambda pair: pair[1], default=["", 0.0])[0]
+    return [*messages, {"role": "assistant", "content": top or "(nothing)"},
+            {"role": "user", "content": STRICT_VERDICT}]
 
 
 # --- reading a score out of an answer -----------------------------------------------------------
@@ -191,9 +249,10 @@ class _Transient(Exception):
     """A failure worth another attempt: refused connection, timeout, 5xx/429, unreadable body."""
 
 
-def chat_completion(config: JudgeConfig, messages: list[dict]) -> str:
-    """The assistant text the endpoint returns, after up to `config.retries` retries."""
-    body = request_body(config, messages)
+def chat_completion(config: JudgeConfig, messages: list[dict], logprobs: bool = False) -> str:
+    """The assistant text the endpoint returns (with logprobs: the JSON list of the first token's
+    top [token, logprob] pairs), after up to `config.retries` retries."""
+    body = request_body(config, messages, logprobs)
     last: Exception | None = None
     for attempt in range(config.retries + 1):
         if attempt:
@@ -206,9 +265,12 @@ def chat_completion(config: JudgeConfig, messages: list[dict]) -> str:
                            f"{config.retries + 1} times; last error: {last}")
 
 
-def request_body(config: JudgeConfig, messages: list[dict]) -> dict:
-    return {"model": config.model, "messages": messages, "temperature": 0, "seed": config.seed,
+def request_body(config: JudgeConfig, messages: list[dict], logprobs: bool = False) -> dict:
+    body = {"model": config.model, "messages": messages, "temperature": 0, "seed": config.seed,
             "max_tokens": config.max_tokens, "stream": False}
+    if logprobs:
+        body.update(max_tokens=1, logprobs=True, top_logprobs=VERDICT_TOP_LOGPROBS)
+    return body
 
 
 def _post_once(config: JudgeConfig, body: dict) -> str:
@@ -224,7 +286,7 @@ def _post_once(config: JudgeConfig, body: dict) -> str:
     if status != 200:
         # 400/401/403/404: the request itself is wrong (model name, key, URL). Retrying won't help.
         raise JudgeError(f"judge endpoint {config.base_url} answered HTTP {status}: {_snippet(raw)}")
-    return _assistant_text(raw)
+    return _first_token_logprobs(raw, config) if body.get("logprobs") else _assistant_text(raw)
 
 
 def _http_post(url: urllib.parse.SplitResult, payload: bytes, headers: dict,
@@ -274,6 +336,21 @@ def _assistant_text(raw: bytes) -> str:
     if not isinstance(content, str):
         raise _Transient(f"no text in the chat completion: {_snippet(raw)}")
     return content
+
+
+def _first_token_logprobs(raw: bytes, config: JudgeConfig) -> str:
+    try:
+        choice = json.loads(raw)["choices"][0]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise _Transient(f"not a chat completion: {_snippet(raw)}") from None
+    try:
+        top = choice["logprobs"]["content"][0]["top_logprobs"]
+        pairs = [[entry["token"], float(entry["logprob"])] for entry in top]
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise JudgeError(f"judge endpoint {config.base_url} (model {config.model!r}) returned no top logprobs, "
+                         "which judge scoring 'yes_probability' reads; set judge.scoring: rubric for this "
+                         f"endpoint. Its answer: {_snippet(raw)}") from None
+    return json.dumps(pairs)
 
 
 def _snippet(raw: bytes, limit: int = 200) -> str:
@@ -342,28 +419,31 @@ class Judge:
     def __post_init__(self) -> None:
         self.cache = JudgementCache(self.config.cache_path)
 
-    def ask(self, messages: list[dict]) -> tuple[str, bool]:
+    def ask(self, messages: list[dict], logprobs: bool = False) -> tuple[str, bool]:
         """The judge's answer to these messages and whether it came from the cache."""
-        body = request_body(self.config, messages)
+        body = request_body(self.config, messages, logprobs)
         cached = self.cache.get(body)
         if cached is not None:
             return cached, True
-        answer = chat_completion(self.config, messages)
+        answer = chat_completion(self.config, messages, logprobs)
         self.requests_sent += 1
         self.cache.put(body, answer)
         return answer, False
 
     def score(self, instruction: str, input_text: str, reference: str, response: str) -> dict:
         """One judgement: score (None when unscored), the raw answers and how many were asked."""
-        messages = rubric_messages(instruction, input_text, reference, response)
-        answer, cached = self.ask(messages)
+        verdict = self.config.scoring == "yes_probability"
+        ask_messages, read, follow_up = ((verdict_messages, yes_probability, strict_verdict_messages) if verdict
+                                         else (rubric_messages, parse_score, strict_messages))
+        messages = ask_messages(instruction, input_text, reference, response)
+        answer, cached = self.ask(messages, logprobs=verdict)
         answers = [answer]
-        score = parse_score(answer)
+        score = read(answer)
         if score is None:
-            answer, cached_again = self.ask(strict_messages(messages, answer))
+            answer, cached_again = self.ask(follow_up(messages, answer), logprobs=verdict)
             answers.append(answer)
             cached = cached and cached_again
-            score = parse_score(answer)
+            score = read(answer)
         return {"score": score, "status": "scored" if score is not None else "unscored",
                 "judge_answers": answers, "cached": cached}
 

@@ -1,11 +1,15 @@
-"""The small routes the HTTP process answers itself: `/`, `/health`, `/v1/models`, `/v1/tokenize`."""
+"""The small routes the HTTP process answers itself: the web page (`/`, `/web/...`), `/v1`,
+`/health`, `/v1/models`, `/v1/tokenize`."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import FileResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
 
 from llm.chat import encode_prompt
 from serving.errors import ApiError
@@ -13,6 +17,9 @@ from serving.schemas import ModelCard, ModelList, TokenizeRequest, TokenizeRespo
 from serving.text import token_bytes, token_text
 
 STARTED = int(time.time())
+WEB = Path(__file__).parent / "web"
+# The page may load and call nothing but this server: a browser enforces it.
+PAGE_POLICY = ("default-src 'self'; img-src 'self' data:; frame-ancestors 'none'")
 
 
 def add_routes(app: FastAPI, spec) -> None:
@@ -23,11 +30,19 @@ def add_routes(app: FastAPI, spec) -> None:
         return ModelCard(id=options.model_name, created=STARTED, owned_by="llm-from-scratch",
                          context_length=spec.config.context_length,
                          max_tokens=min(options.limits.max_tokens, spec.config.context_length),
-                         source=options.model_source or str(options.model_dir))
+                         source=options.model_source or str(options.model_dir),
+                         config=dataclasses.asdict(spec.config))
 
-    @app.get("/", summary="What this server serves")
+    @app.get("/", summary="The web page: generation, token probabilities, attention, logit lens",
+             response_class=FileResponse, responses={200: {"content": {"text/html": {}}}})
+    async def page() -> FileResponse:
+        return FileResponse(WEB / "index.html", headers={"Content-Security-Policy": PAGE_POLICY})
+
+    app.mount("/web", StaticFiles(directory=WEB), name="web")
+
+    @app.get("/v1", summary="What this server serves")
     async def index() -> dict:
-        return {"model": options.model_name, "openai_base_url": "/v1", "docs": "/docs",
+        return {"model": options.model_name, "openai_base_url": "/v1", "docs": "/docs", "page": "/",
                 "endpoints": ["POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models",
                               "POST /v1/introspect", "POST /v1/tokenize", "GET /health"]}
 

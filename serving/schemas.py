@@ -11,7 +11,7 @@ that clients sending the defaults work, and anything else gets a 400 naming the 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
@@ -258,6 +258,7 @@ class ModelCard(Loose):
     context_length: int
     max_tokens: int
     source: str
+    config: dict[str, Any] = Field(description="The model's architecture (llm.model.ModelConfig).")
 
 
 class ModelList(Loose):

@@ -25,6 +25,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and on a busy 2-core machine torch's two-thread
+    kernels stall for seconds: modules that use this pin one thread, and restore it after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory) -> str:
     """A real Prefect server on a free port with its own database, for the whole test session.

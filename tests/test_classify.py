@@ -48,12 +48,7 @@ def splits():
     return stratified_split(data, 0.15, 0.25, seed=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_gpt(tokenizer, d_model: int = 64, context: int = 32) -> GPT:

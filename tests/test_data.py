@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from llm.data import (
     IGNORE_INDEX, PADDING_DOC, TokenDataset, document_ids, encode_documents, pack_examples,
-    pad_examples, read_meta, token_dtype, write_token_file,
+    pad_examples, read_meta, token_dtype, unigram_loss, write_token_file,
 )
 from llm.tokenizer import ENDOFTEXT, train_char
 
@@ -224,3 +224,13 @@ def test_padding_wastes_more_than_packing():
     assert pad_report.padding == sum(b.padding for b in batches)
     assert pack_report.padding_waste < 0.1 and pad_report.padding_waste > 0.3   # measured: 5.8% vs 37.9%
     assert pad_report.as_dict()["padding_waste"] == pad_report.padding_waste
+
+
+def test_unigram_loss_is_the_cross_entropy_of_token_frequencies():
+    train = np.array([0, 0, 0, 1], dtype=np.uint16)            # with add-one: p = 4/7, 2/7, 1/7
+    val = np.array([0, 1, 2], dtype=np.uint16)
+    expected = -(np.log(4 / 7) + np.log(2 / 7) + np.log(1 / 7)) / 3
+    assert unigram_loss(train, val, vocab_size=3) == pytest.approx(expected)
+    # Uniform data over the whole vocabulary: log(vocab_size), the loss of knowing nothing.
+    uniform = np.arange(1000, dtype=np.uint16) % 10
+    assert unigram_loss(uniform, uniform, vocab_size=10) == pytest.approx(np.log(10))

@@ -131,12 +131,7 @@ def two_process_runs(data_dir, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_two_processes_follow_the_single_process_loss_curve(data_dir, two_process_runs, tmp_path):

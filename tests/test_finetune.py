@@ -38,12 +38,7 @@ def tokenizer():
     return train_char(texts, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_gpt(tokenizer, context: int = 96) -> GPT:

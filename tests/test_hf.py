@@ -24,14 +24,7 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and on a busy 2-core machine torch's two-thread
-    kernels stall for seconds: pin one thread for this module, restore it after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def build(case: str, seed=0) -> GPT:

@@ -14,14 +14,7 @@ from llm.model import GPT, ModelConfig
 IDS = [3, 14, 15, 9, 26, 5, 35, 8]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and on a busy 2-core machine torch's two-thread
-    kernels stall for seconds: pin one thread for this module, restore it after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama-gqa"])

@@ -221,7 +221,13 @@ class FakeJudge:
         }.get(mode, (200, None))
         if payload is None:
             content = self.answers.pop(0) if self.answers else "50"
-            payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+            choice = {"message": {"role": "assistant", "content": content}}
+            if isinstance(content, dict):  # {token: probability}: the first token's top logprobs
+                top = [{"token": t, "logprob": math.log(p)} for t, p in content.items()]
+                choice = {"message": {"role": "assistant", "content": top[0]["token"]},
+                          "logprobs": {"content": [{"token": top[0]["token"], "logprob": top[0]["logprob"],
+                                                    "top_logprobs": top}]}}
+            payload = json.dumps({"choices": [choice]}).encode()
         handler.send_response(status)
         handler.send_header("Content-Type", "application/json")
         handler.send_header("Content-Length", str(len(payload)))
@@ -241,7 +247,7 @@ def fake():
 
 
 def make_judge(url: str, tmp_path=None, **overrides) -> Judge:
-    settings = dict(base_url=url, model="fake-judge", timeout_s=1.0, retries=1, backoff_s=0.05,
+    settings = dict(base_url=url, model="fake-judge", timeout_s=1.0, retries=1, backoff_s=0.05, scoring="rubric",
                     cache_path=str(tmp_path / "cache.jsonl") if tmp_path else None)
     return Judge(JudgeConfig(**{**settings, **overrides}))
 
@@ -315,3 +321,39 @@ def test_the_api_key_comes_from_the_named_environment_variable(fake, monkeypatch
 def test_no_key_is_sent_unless_configured(fake):
     make_judge(fake.url).score_items([ITEM])
     assert "Authorization" not in fake.headers[0]
+
+
+# --- scoring yes_probability: 100 x P(Yes) from the first token's logprobs ------------------------------
+
+def test_the_verdict_score_is_the_probability_of_yes_among_yes_and_no(fake, tmp_path):
+    fake.answers = [{"Yes": 0.6, "No": 0.2, " yes": 0.1, "Maybe": 0.05}]
+    record = make_judge(fake.url, tmp_path, scoring="yes_probability").score_items([ITEM])[0]
+    assert record["score"] == pytest.approx(100 * 0.7 / 0.9, abs=0.01) and record["status"] == "scored"
+    body = fake.requests[0]
+    assert body["max_tokens"] == 1 and body["logprobs"] is True and body["top_logprobs"] == 10
+    assert "Reply Yes or No" in body["messages"][-1]["content"] and "Paris." in body["messages"][-1]["content"]
+    again = make_judge(fake.url, tmp_path, scoring="yes_probability")  # cached: nothing asked
+    assert again.score_items([ITEM])[0]["score"] == record["score"] and again.requests_sent == 0
+
+
+def test_a_verdict_that_is_neither_yes_nor_no_gets_one_stricter_question(fake):
+    fake.answers = [{"The": 0.7, "Yes": 0.1}, {"No": 0.9, "Yes": 0.05}]
+    record = make_judge(fake.url, scoring="yes_probability").score_items([ITEM])[0]
+    assert record["score"] == pytest.approx(100 * 0.05 / 0.95, abs=0.01)
+    follow_up = fake.requests[1]["messages"]
+    assert follow_up[-2] == {"role": "assistant", "content": "The"}
+    assert follow_up[-1]["content"] == "Reply with one word: Yes or No."
+    fake.answers = [{"The": 0.9}, {"Sure": 0.9}]
+    assert make_judge(fake.url, scoring="yes_probability").score_items([ITEM])[0]["status"] == "unscored"
+
+
+def test_an_endpoint_without_logprobs_is_told_to_use_the_rubric(fake):
+    fake.answers = ["Yes"]  # a plain answer: no logprobs in it
+    with pytest.raises(JudgeError, match="judge.scoring: rubric"):
+        make_judge(fake.url, scoring="yes_probability").score_items([ITEM])
+    assert len(fake.requests) == 1  # not retried: asking again would not help
+
+
+def test_an_unknown_scoring_method_is_refused():
+    with pytest.raises(ValueError, match="scoring must be one of"):
+        JudgeConfig(base_url="http://127.0.0.1:1/v1", model="m", scoring="vibes")

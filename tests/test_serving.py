@@ -64,9 +64,10 @@ USER = [{"role": "user", "content": "Hello, how are you?"}]
 
 def test_health_index_and_models(http, client):
     assert http.get("/health").text == "ok"
-    assert http.get("/").json()["model"] == MODEL
+    assert http.get("/v1").json()["model"] == MODEL
     [card] = client.models.list().data
     assert card.id == MODEL and card.model_extra["context_length"] == CONTEXT
+    assert card.model_extra["config"]["n_layer"] == 2
     assert client.models.retrieve(MODEL).id == MODEL
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("other")

@@ -1,0 +1,163 @@
+"""The web page at `/`, driven in headless Chromium (Debian's, through Playwright) against a real
+server: type a prompt, wait for the streamed answer, then check that every view holds the
+server's numbers: token probabilities, top-k tooltips, attention heatmaps, the logit lens and
+the model config. The browser must fetch nothing but the server itself.
+
+Also a small CLI for the README's screenshot of a real model:
+
+    .venv/bin/python tests/test_web_page.py --model data/instruct/model --out docs/page.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import Page, expect, sync_playwright
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_serving_support import make_model_dir, running  # noqa: E402
+
+CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
+# Without the networking flags Chromium keeps trying to reach Google's hosts on a closed network.
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
+PROMPT = "Hello world! How are you today?"
+N_LAYER, N_HEAD = 2, 4
+
+
+@contextlib.contextmanager
+def browser_page():
+    assert CHROMIUM.exists(), (f"{CHROMIUM} is missing: `make test` installs Debian's chromium package; "
+                                "elsewhere, set CHROMIUM to a Chromium or Chrome binary")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        try:
+            yield browser.new_page(viewport={"width": 1200, "height": 900})
+        finally:
+            browser.close()
+
+
+def ask(page: Page, url: str, prompt: str, max_tokens: int = 24) -> None:
+    """Open the page, generate an answer, wait until every view is drawn."""
+    page.goto(url)
+    expect(page.locator("#status")).to_have_text("ready", timeout=30_000)
+    page.fill("#prompt", prompt)
+    page.fill("#max-tokens", str(max_tokens))
+    page.click("#generate")
+    page.wait_for_selector("#lens-grid tr", timeout=60_000)
+    page.wait_for_selector("#heads .head", timeout=60_000)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = make_model_dir(tmp_path_factory.mktemp("web") / "tiny", context_length=128)
+    with running("--model", str(folder), "--seed", "0") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def page_after_generation(server):
+    """The page after one generation, with every request the browser made."""
+    with browser_page() as page:
+        requests, streams = [], []
+        page.on("request", lambda r: requests.append(r.url))
+        page.on("response", lambda r: streams.append(r.url) if "event-stream" in r.headers.get("content-type", "") else None)
+        ask(page, server.url, PROMPT)
+        page.requests, page.streams = requests, streams
+        yield page
+
+
+def test_the_page_is_served_with_a_same_origin_policy(server):
+    response = httpx.get(server.url + "/")
+    assert response.status_code == 200 and "text/html" in response.headers["content-type"]
+    assert "default-src 'self'" in response.headers["content-security-policy"]
+    assert httpx.get(server.url + "/web/page.js").status_code == 200
+    assert httpx.get(server.url + "/web/missing.js").status_code == 404
+
+
+def test_the_answer_is_streamed_and_nothing_leaves_the_server(page_after_generation, server):
+    page = page_after_generation
+    assert page.inner_text("#answer").strip()
+    assert page.streams == [server.url + "/v1/chat/completions"]
+    outside = [url for url in page.requests if not url.startswith(server.url + "/")]
+    assert not outside, f"the page fetched from elsewhere: {outside}"
+    assert "error" not in (page.get_attribute("#status", "class") or "")
+
+
+def test_tokens_carry_the_servers_probabilities(page_after_generation, server):
+    page = page_after_generation
+    answer = page.inner_text("#answer")
+    with httpx.Client(base_url=server.url) as http:
+        prompt_ids = [t["id"] for t in http.post("/v1/tokenize", json={
+            "messages": [{"role": "user", "content": PROMPT}]}).json()["tokens"]]
+        answer_ids = [t["id"] for t in http.post("/v1/tokenize", json={"text": answer}).json()["tokens"]]
+        truth = http.post("/v1/introspect", json={"token_ids": prompt_ids + answer_ids, "top_k": 5}).json()
+    shown = page.eval_on_selector_all("#tokens .token", "spans => spans.map(s => [s.textContent, s.dataset.prob])")
+    assert len(shown) == len(truth["tokens"]) == len(prompt_ids) + len(answer_ids)
+    assert page.locator("#tokens .token.answer").count() == len(answer_ids)
+    for (text, prob), token in zip(shown, truth["tokens"]):
+        assert text == token["text"].replace("\n", "\u21b5\n")  # a newline shows as ↵, then breaks
+        assert prob == ("" if token["prob"] is None else f"{token['prob']:.4f}")
+
+    # Hovering a token shows what the model expected there: the previous position's top 5.
+    page.hover("#tokens .token >> nth=3")
+    page.wait_for_selector("#tooltip:not([hidden])")
+    rows = page.eval_on_selector_all("#tooltip tr", "rows => rows.map(r => r.cells[1].textContent)")
+    assert rows == [f"{c['prob']:.3f}" for c in truth["tokens"][2]["next"]]
+
+
+def test_attention_heatmap_and_head_grid(page_after_generation):
+    page = page_after_generation
+    n = page.locator("#tokens .token").count()
+    assert page.locator("#heads .head").count() == N_HEAD
+    assert page.eval_on_selector("#heatmap", "c => [c.width, c.height]") == [n, n]
+    # Real attention: the first token can attend only to itself (weight 1, darkest), never ahead.
+    first_row = page.eval_on_selector(
+        "#heatmap", "c => Array.from(c.getContext('2d').getImageData(0, 0, 2, 1).data)")
+    assert first_row[:3] == [20, 60, 140] and first_row[4:7] == [255, 255, 255]
+
+    page.select_option("#layer", "1")
+    page.wait_for_selector("#heatmap[data-layer='1']")
+    page.click("#heads .head >> nth=2")
+    assert page.get_attribute("#heatmap", "data-head") == "2"
+    assert page.get_attribute("#heads .head.selected", "data-head") == "2"
+    page.hover("#heatmap", position={"x": 2, "y": 2})
+    assert page.inner_text("#cell-readout").endswith("1.000")
+
+
+def test_logit_lens_grid_and_config(page_after_generation, tmp_path):
+    page = page_after_generation
+    n = page.locator("#tokens .token").count()
+    rows = page.locator("#lens-grid tr")
+    assert rows.count() == 1 + N_LAYER + 1  # header, embeddings, one row per block
+    assert page.locator("#lens-grid tr >> nth=1").locator("td").count() == n + 1
+    config = dict(page.eval_on_selector_all("#config tr", "rows => rows.map(r => [r.cells[0].textContent, r.cells[1].textContent])"))
+    assert config["n_layer"] == str(N_LAYER) and config["n_head"] == str(N_HEAD)
+    assert page.inner_text("#model-name") == "tiny"
+    page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+    assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Screenshot the web page serving a model.")
+    parser.add_argument("--model", required=True, help="a model folder or models:/NAME@ALIAS")
+    parser.add_argument("--prompt", default="What is the capital of France?")
+    parser.add_argument("--out", type=Path, default=Path("docs/page.png"))
+    args = parser.parse_args()
+    with running("--model", args.model, "--seed", "0") as server, browser_page() as page:
+        ask(page, server.url, args.prompt, max_tokens=40)
+        answer = page.locator("#tokens .token.answer")
+        answer.nth(min(2, answer.count() - 1)).hover()  # a tooltip in the picture
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(args.out), full_page=True)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
