@@ -147,7 +147,7 @@ def test_logit_lens_grid_and_config(page_after_generation, tmp_path):
 def main() -> None:
     parser = argparse.ArgumentParser(description="Screenshot the web page serving a model.")
     parser.add_argument("--model", required=True, help="a model folder or models:/NAME@ALIAS")
-    parser.add_argument("--prompt", default="What is the capital of France?")
+    parser.add_argument("--prompt", default="Tell me about the history of the United States.")
     parser.add_argument("--out", type=Path, default=Path("docs/page.png"))
     args = parser.parse_args()
     with running("--model", args.model, "--seed", "0") as server, browser_page() as page:
