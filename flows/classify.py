@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import torch
 from prefect import flow, task
 from prefect.logging import get_run_logger
 
@@ -86,6 +87,7 @@ def classify_flow(params: Params) -> dict:
         test_metrics = pretrained.classifier.evaluate(test, config.positive_label)
         results = {"pretrained": summary_numbers(test_metrics)}
         if p.from_scratch:
+            torch.manual_seed(config.seed)  # reproducible random weights
             scratch_model = GPT(load_checkpoint(BASE).config)  # same architecture, random weights
             scratch = tune("from_scratch", scratch_model, tokenizer, train, val, config, stage)
             results["from_scratch"] = summary_numbers(scratch.classifier.evaluate(test, config.positive_label))

@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from prefect import flow
 from prefect.logging import get_run_logger
 from safetensors.torch import load_model
@@ -151,6 +152,7 @@ def pretrain_flow(params: Params) -> dict:
     key = run_key(model_config.to_dict(), {k: v for k, v in vars(train_config).items() if k != "progress"},
                   train_data.meta["tokenizer_fingerprint"], train_data.meta["num_tokens"])
     checkpoints = OUT / "checkpoints" / key
+    torch.manual_seed(train_config.seed)  # the initial weights too: same params, same model
     model = GPT(model_config)
     log.info(f"model: {num_params(model):,} parameters ({p.model.preset}); run key {key}; "
              f"{train_data.meta['num_tokens']:,} training tokens")
@@ -256,6 +258,7 @@ def ddp_rank(job_file: Path) -> None:
     tokenizer = load_tokenizer(TOKENIZER)
     model_config, train_config = ModelConfig.from_dict(job["model"]), TrainConfig.from_dict(job["train"])
     train_data, val_data = datasets(model_config, train_config, tokenizer)
+    torch.manual_seed(train_config.seed)
     model = GPT(model_config)   # DDP copies rank 0's initial weights to every rank
     curves, on_step, on_eval = None, None, None
     if rank == 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import math
+import shutil
 
 import numpy as np
 from mlflow.tracking import MlflowClient
@@ -65,6 +66,15 @@ def test_tiny_pipeline_end_to_end(pipeline_repo, prefect_api, judge_gguf, tmp_pa
     assert version.run_id == client.search_runs(
         [client.get_experiment_by_name("tests").experiment_id], "tags.`llm.stage` = 'pretrain'")[0].info.run_id
     assert "val_loss" in dvc(repo, "plots", "show", "--json", env=env).stdout
+    assert 0 < pretrain["unigram_val_loss"] < math.log(400)  # frequencies beat uniform guessing
+    assert len((repo / "data/pretrain/samples.txt").read_text().strip()) > 0
+
+    # Same params, same model: a second run from scratch reproduces the weights bit for bit
+    # (the initial weights are seeded too, not only the training).
+    weights = (repo / "data/pretrain/model/model.safetensors").read_bytes()
+    shutil.rmtree(repo / "data/pretrain/checkpoints")
+    dvc(repo, "repro", "--force", "pretrain", env=env)
+    assert (repo / "data/pretrain/model/model.safetensors").read_bytes() == weights
 
     # classify: pretrained vs from scratch vs the majority baseline, on one stratified test set
     dvc(repo, "repro", "classify", env=env)
