@@ -15,7 +15,7 @@ import json
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
@@ -131,7 +131,25 @@ def mirror(dataclass: type, *, optional: bool = False) -> type[BaseModel]:
     for f in dataclasses.fields(dataclass):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         fields[f.name] = (Optional[hints[f.name]], None) if optional else (hints[f.name], default)
-    return create_model(f"{dataclass.__name__}Params", __base__=Strict, **fields)
+    model = create_model(f"{dataclass.__name__}Params", __base__=_Mirror, **fields)
+    model.mirrored = dataclass
+    return model
+
+
+class _Mirror(Strict):
+    """What every mirror does: build its dataclass (fields a subclass adds stay out of it), and
+    refuse values the dataclass's own checks refuse, when the params are loaded."""
+
+    mirrored: ClassVar[type]
+
+    @model_validator(mode="after")
+    def _buildable(self):
+        self.build()
+        return self
+
+    def build(self, **changes: Any) -> Any:
+        names = {f.name for f in dataclasses.fields(self.mirrored)}
+        return _build(self.mirrored, {**self.model_dump(include=names), **changes})
 
 
 def _build(dataclass: type, values: dict) -> Any:
@@ -161,14 +179,7 @@ class ModelParams(mirror(ModelConfig, optional=True)):
             raise ValueError(str(err)) from None
 
 
-class TrainParams(mirror(TrainConfig)):
-    @model_validator(mode="after")
-    def _buildable(self) -> "TrainParams":
-        self.build()
-        return self
-
-    def build(self, **changes: Any) -> TrainConfig:
-        return _build(TrainConfig, {**self.model_dump(), **changes})
+TrainParams = mirror(TrainConfig)
 
 
 class PretrainParams(Strict):
@@ -191,14 +202,6 @@ class ClassifyParams(mirror(ClassifyConfig)):
     from_scratch: bool = True    # also train the same architecture from random weights, for comparison
     register_model: bool = True  # as <project.name>-classifier
 
-    @model_validator(mode="after")
-    def _buildable(self) -> "ClassifyParams":
-        self.build()
-        return self
-
-    def build(self) -> ClassifyConfig:
-        return _build(ClassifyConfig, self.model_dump(exclude={"from_scratch", "register_model"}))
-
 
 class InstructParams(mirror(FinetuneConfig)):
     val_fraction: float = Field(0.1, ge=0, lt=0.5)
@@ -208,16 +211,6 @@ class InstructParams(mirror(FinetuneConfig)):
     temperature: float = Field(0.0, ge=0)      # 0 = greedy: the same answers every run
     generate_batch_size: int = Field(16, ge=1)
     register_model: bool = True                # as <project.name>-instruct
-
-    @model_validator(mode="after")
-    def _buildable(self) -> "InstructParams":
-        self.build()
-        return self
-
-    def build(self) -> FinetuneConfig:
-        own = {"val_fraction", "test_fraction", "max_test_items", "max_new_tokens", "temperature",
-               "generate_batch_size", "register_model"}
-        return _build(FinetuneConfig, self.model_dump(exclude=own))
 
 
 class JudgeParams(Strict):
