@@ -79,44 +79,50 @@ def to_hf_config(config: ModelConfig, *, bos_token_id=None, eos_token_id=None, p
         **_token_ids(config, 2, bos_token_id, eos_token_id, pad_token_id))
 
 
+def _renames(config: ModelConfig) -> list[tuple[str, str, bool]]:
+    """(our name, transformers' name, transposed) of every tensor that maps one to one; both
+    directions read this one table. LLaMA's fused qkv and gate/up tensors are split apart below."""
+    kinds = ("weight", "bias") if config.bias else ("weight",)
+    if hf_family(config) == "gpt2":
+        table = [("tok_emb.weight", "transformer.wte.weight", False),
+                 ("pos_emb.weight", "transformer.wpe.weight", False)]
+        for i in range(config.n_layer):
+            ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
+            for a, b in (("norm1", "ln_1"), ("norm2", "ln_2")):
+                table += [(f"{ours}{a}.{k}", f"{theirs}{b}.{k}", False) for k in ("weight", "bias")]
+            for a, b in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
+                         ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
+                table += [(f"{ours}{a}.weight", f"{theirs}{b}.weight", True),  # Conv1D keeps (in, out)
+                          (f"{ours}{a}.bias", f"{theirs}{b}.bias", False)]
+        return table + [("final_norm.weight", "transformer.ln_f.weight", False),
+                        ("final_norm.bias", "transformer.ln_f.bias", False)]
+    table = [("tok_emb.weight", "model.embed_tokens.weight", False)]
+    for i in range(config.n_layer):
+        ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
+        table += [(f"{ours}norm1.weight", f"{theirs}input_layernorm.weight", False),
+                  (f"{ours}norm2.weight", f"{theirs}post_attention_layernorm.weight", False)]
+        for k in kinds:
+            table += [(f"{ours}attn.proj.{k}", f"{theirs}self_attn.o_proj.{k}", False),
+                      (f"{ours}mlp.proj.{k}", f"{theirs}mlp.down_proj.{k}", False)]
+    return table + [("final_norm.weight", "model.norm.weight", False)]
+
+
 def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """Our state dict renamed (and transposed / split where needed) to transformers' names."""
     config, ours = model.config, model.state_dict()
-    family = hf_family(config)
-    out = {}
-    if family == "gpt2":
-        out["transformer.wte.weight"] = ours["tok_emb.weight"]
-        out["transformer.wpe.weight"] = ours["pos_emb.weight"]
-        for i in range(config.n_layer):
-            src, dst = f"blocks.{i}.", f"transformer.h.{i}."
-            for a, b in (("norm1", "ln_1"), ("norm2", "ln_2")):
-                out[dst + b + ".weight"] = ours[src + a + ".weight"]
-                out[dst + b + ".bias"] = ours[src + a + ".bias"]
-            for a, b in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
-                         ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
-                out[dst + b + ".weight"] = ours[src + a + ".weight"].t()  # Conv1D keeps (in, out)
-                out[dst + b + ".bias"] = ours[src + a + ".bias"]
-        out["transformer.ln_f.weight"] = ours["final_norm.weight"]
-        out["transformer.ln_f.bias"] = ours["final_norm.bias"]
-    else:
-        out["model.embed_tokens.weight"] = ours["tok_emb.weight"]
+    out = {theirs: ours[name].t() if transposed else ours[name] for name, theirs, transposed in _renames(config)}
+    if hf_family(config) == "llama":
         q_rows, kv_rows = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
         for i in range(config.n_layer):
             src, dst = f"blocks.{i}.", f"model.layers.{i}."
-            out[dst + "input_layernorm.weight"] = ours[src + "norm1.weight"]
-            out[dst + "post_attention_layernorm.weight"] = ours[src + "norm2.weight"]
-            kinds = ("weight", "bias") if config.bias else ("weight",)
-            for kind in kinds:
+            for kind in (("weight", "bias") if config.bias else ("weight",)):
                 q, k, v = ours[src + "attn.qkv." + kind].split([q_rows, kv_rows, kv_rows])
                 out[dst + "self_attn.q_proj." + kind] = q
                 out[dst + "self_attn.k_proj." + kind] = k
                 out[dst + "self_attn.v_proj." + kind] = v
-                out[dst + "self_attn.o_proj." + kind] = ours[src + "attn.proj." + kind]
                 gate, up = ours[src + "mlp.fc." + kind].chunk(2)
                 out[dst + "mlp.gate_proj." + kind] = gate
                 out[dst + "mlp.up_proj." + kind] = up
-                out[dst + "mlp.down_proj." + kind] = ours[src + "mlp.proj." + kind]
-        out["model.norm.weight"] = ours["final_norm.weight"]
     out["lm_head.weight"] = ours["lm_head.weight"]  # with tied weights this is the embedding again
     return {name: tensor.contiguous() for name, tensor in out.items()}
 
@@ -177,36 +183,15 @@ def from_hf_config(hf_config) -> ModelConfig:
 
 def from_hf_state_dict(config: ModelConfig, theirs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse of to_hf_state_dict."""
-    family = hf_family(config)
-    out = {}
-    if family == "gpt2":
-        out["tok_emb.weight"] = theirs["transformer.wte.weight"]
-        out["pos_emb.weight"] = theirs["transformer.wpe.weight"]
-        for i in range(config.n_layer):
-            src, dst = f"transformer.h.{i}.", f"blocks.{i}."
-            for a, b in (("ln_1", "norm1"), ("ln_2", "norm2")):
-                out[dst + b + ".weight"] = theirs[src + a + ".weight"]
-                out[dst + b + ".bias"] = theirs[src + a + ".bias"]
-            for a, b in (("attn.c_attn", "attn.qkv"), ("attn.c_proj", "attn.proj"),
-                         ("mlp.c_fc", "mlp.fc"), ("mlp.c_proj", "mlp.proj")):
-                out[dst + b + ".weight"] = theirs[src + a + ".weight"].t()
-                out[dst + b + ".bias"] = theirs[src + a + ".bias"]
-        out["final_norm.weight"] = theirs["transformer.ln_f.weight"]
-        out["final_norm.bias"] = theirs["transformer.ln_f.bias"]
-    else:
-        out["tok_emb.weight"] = theirs["model.embed_tokens.weight"]
+    out = {name: theirs[hf].t() if transposed else theirs[hf] for name, hf, transposed in _renames(config)}
+    if hf_family(config) == "llama":
         for i in range(config.n_layer):
             src, dst = f"model.layers.{i}.", f"blocks.{i}."
-            out[dst + "norm1.weight"] = theirs[src + "input_layernorm.weight"]
-            out[dst + "norm2.weight"] = theirs[src + "post_attention_layernorm.weight"]
             for kind in (("weight", "bias") if config.bias else ("weight",)):
                 out[dst + "attn.qkv." + kind] = torch.cat(
                     [theirs[src + f"self_attn.{p}_proj." + kind] for p in ("q", "k", "v")])
-                out[dst + "attn.proj." + kind] = theirs[src + "self_attn.o_proj." + kind]
                 out[dst + "mlp.fc." + kind] = torch.cat(
                     [theirs[src + "mlp.gate_proj." + kind], theirs[src + "mlp.up_proj." + kind]])
-                out[dst + "mlp.proj." + kind] = theirs[src + "mlp.down_proj." + kind]
-        out["final_norm.weight"] = theirs["model.norm.weight"]
     out["lm_head.weight"] = theirs["lm_head.weight"] if "lm_head.weight" in theirs else out["tok_emb.weight"]
     return {name: tensor.contiguous() for name, tensor in out.items()}
 
