@@ -13,8 +13,9 @@ from fastapi.staticfiles import StaticFiles
 
 from llm.chat import encode_prompt
 from serving.errors import ApiError
+from serving.introspection import byte_spans
 from serving.schemas import ModelCard, ModelList, TokenizeRequest, TokenizeResponse, TokenSpan
-from serving.text import token_bytes, token_text
+from serving.text import token_text
 
 STARTED = int(time.time())
 WEB = Path(__file__).parent / "web"
@@ -67,11 +68,8 @@ def add_routes(app: FastAPI, spec) -> None:
             ids = tokenizer.encode(request.text)
         else:
             ids = encode_prompt(tokenizer, [{"role": m.role, "content": m.text()} for m in request.messages])
-        spans, at = [], 0
-        for i in ids:
-            size = len(token_bytes(tokenizer, i))
-            spans.append(TokenSpan(id=i, text=token_text(tokenizer, i), byte_start=at, byte_end=at + size))
-            at += size
+        spans = [TokenSpan(id=i, text=token_text(tokenizer, i), byte_start=start, byte_end=end)
+                 for i, (start, end) in zip(ids, byte_spans(tokenizer, ids))]
         return TokenizeResponse(model=options.model_name, count=len(ids), tokens=spans,
                                 max_context=spec.config.context_length)
 

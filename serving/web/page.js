@@ -10,13 +10,20 @@ const state = { card: null, ids: [], tokens: [], answerStart: 0, caps: null, att
 
 // --- talking to the server ---------------------------------------------------------------------
 
-async function post(path, body) {
+// POST JSON; the response, or an error carrying the server's message.
+async function send(path, body) {
   const response = await fetch(path, {
     method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
   });
-  const payload = await response.json().catch(() => ({}));
-  if (!response.ok) throw new Error(errorMessage(payload) || `${path}: HTTP ${response.status}`);
-  return payload;
+  if (!response.ok) {
+    const payload = await response.json().catch(() => ({}));
+    throw new Error(errorMessage(payload) || `${path}: HTTP ${response.status}`);
+  }
+  return response;
+}
+
+async function post(path, body) {
+  return (await send(path, body)).json();
 }
 
 function errorMessage(payload) {
@@ -26,13 +33,7 @@ function errorMessage(payload) {
 
 // Server-sent events from a streamed completion: calls onText with each piece of new text.
 async function stream(path, body, onText) {
-  const response = await fetch(path, {
-    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
-  });
-  if (!response.ok) {
-    const payload = await response.json().catch(() => ({}));
-    throw new Error(errorMessage(payload) || `HTTP ${response.status}`);
-  }
+  const response = await send(path, body);
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
