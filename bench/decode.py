@@ -1,29 +1,42 @@
 """Decode speed: our KV-cache `generate` against transformers' `generate`, same weights, one process.
 
-Greedy decoding of --new-tokens tokens at batch 1 and batch 8. The model (the 'tiny' preset with
-random weights, or --checkpoint) is exported with llm.hf.export_hf and loaded back twice: by
-transformers' AutoModelForCausalLM and by llm.hf.import_hf, so both sides run the very same
-weights. Runs alternate between the two (timings on a shared CPU drift a lot) and the medians
-are reported as one JSON line:
+Greedy decoding of --new-tokens tokens at each of --batch-sizes. The model (the 'tiny' preset
+with random weights, --preset, or --checkpoint) is exported with llm.hf.export_hf and loaded back
+twice: by transformers' AutoModelForCausalLM and by llm.hf.import_hf, so both sides run the very
+same weights, on the same device in the same dtype. The sides take turns (timings on a shared
+machine drift a lot) and the medians are reported as one JSON line:
 
-    {"batch_1": {"ours_tokens_per_s": ..., "hf_tokens_per_s": ..., "ratio": ...}, "batch_8": {...}, ...}
+    {"bench": "decode", ..., "batch_1": {"ours_tokens_per_s": ..., "compiled_tokens_per_s": ...,
+     "hf_tokens_per_s": ..., "ratio": ..., "compiled_ratio": ...}, "batch_64": {...}}
 
-tokens/s counts generated tokens over the wall time of one whole generate call (prompt included).
-Both sides load once outside the timing: transformers' model, and our Decoder (which lays the
-weights out for decoding). transformers runs with use_cache=True, greedy, and no end-of-sequence
-token, so both produce exactly --new-tokens tokens; "tokens_match" says whether they agree.
+Sides: "ours" is llm.generate.Decoder as the pipeline and tests use it; "compiled" is the same
+Decoder after .compile() (fixed shapes through torch.compile; on a GPU each step replays as one
+CUDA graph), on by default on CUDA (--compile / --no-compile); "hf" is transformers' generate
+with use_cache=True, greedy, and no end-of-sequence token, so every side produces exactly
+--new-tokens tokens. ratio = ours / hf, compiled_ratio = compiled / hf.
+
+tokens/s counts generated tokens over the wall time of one whole generate call (prompt
+included; the call ends by reading the tokens back, so GPU work is finished). Loading and the
+first call of each side (compilation, CUDA graph recording, kernel autotuning) stay outside the
+timing: "first_call_s" reports them. "tokens_match" says whether a side produced hf's tokens;
+in bfloat16 two correct implementations may part ways after a near-tie, so read it as a check
+on float32 runs.
 
 "matmul_only_tokens_per_s" times nothing but the weight matmuls of the same decoding run (our
-decoder's weights, random inputs): no decoder that reads these fp32 weights with these kernels
-is faster, so it shows how much of a step is overhead and how much is reading weights.
-Both sides run on --threads threads (default 1: on a busy 2-core machine two-thread kernels stall
-whenever the other core is taken; try --threads 0, torch's default, on a quiet one).
+decoder's weights, random inputs): no decoder that reads these weights with these kernels and
+launches them one by one is faster, so it shows how much of a step is overhead.
+
+    .venv/bin/python bench/decode.py                           # CPU: tiny, batch 1 and 8, float32
+    .venv/bin/python bench/decode.py --preset gpt2-124m --prompt-tokens 16 \\
+        --out bench/results/h100-decode-gpt2-124m-$(date +%Y%m%d).json   # GPU: batch 1 and 64, bf16
+
+On a CPU both sides run on --threads threads (default 1: on a busy 2-core machine two-thread
+kernels stall whenever the other core is taken; try --threads 0, torch's default, on a quiet one).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -31,7 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-# Run as a script from anywhere: make the repository's `llm` package importable.
+# Run as a script from anywhere: make the repository's packages importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -40,25 +53,34 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
+from bench.report import context, emit  # noqa: E402
 from llm.generate import Decoder  # noqa: E402
 from llm.hf import export_hf, import_hf  # noqa: E402
 from llm.model import GPT, ModelConfig, load_checkpoint, num_params  # noqa: E402
+from llm.train import resolve_device  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", metavar="DIR", help="a checkpoint written by llm.model.save_checkpoint "
-                   "(default: the 'tiny' preset with random weights)")
+                   "(default: --preset with random weights)")
     p.add_argument("--preset", default="tiny", help="model preset when no --checkpoint (default: tiny)")
     p.add_argument("--new-tokens", type=int, default=256, help="tokens to generate per row (default: 256)")
     p.add_argument("--prompt-tokens", type=int, default=1,
                    help="prompt length (default: 1, so 256 new tokens fit the tiny preset's 256-token context)")
-    p.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes (default: 1,8)")
+    p.add_argument("--batch-sizes", default="",
+                   help="comma-separated batch sizes (default: 1,64 on CUDA, 1,8 elsewhere)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per side and batch size; medians reported (default: 5)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="weights' dtype on both sides (default: bfloat16 on CUDA, float32 elsewhere)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time Decoder.compile() (default: on for CUDA, off elsewhere)")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads for both sides (default: 1; 0 = torch's default). On a shared 2-core "
+                   help="torch CPU threads for both sides (default: 1; 0 = torch's default). On a shared 2-core "
                         "machine two-thread kernels stall whenever the other core is busy, and rates swing 50x")
     p.add_argument("--seed", type=int, default=0, help="seed for the random weights and prompts (default: 0)")
+    p.add_argument("--out", metavar="FILE", help="also write the JSON to FILE (e.g. bench/results/NAME.json)")
     return p.parse_args(argv)
 
 
@@ -74,13 +96,15 @@ def matmul_only(decoder: Decoder, batch: int, steps: int):
     output layer, on random (batch, in) rows."""
     weights = [w for layer in decoder.layers for w in (layer.qkv_w, layer.proj_w, layer.fc_w, layer.out_w)]
     weights.append(decoder.lm_head)
-    rows = {w.shape[0]: torch.randn(batch, w.shape[0], dtype=w.dtype) for w in weights}
+    rows = {w.shape[0]: torch.randn(batch, w.shape[0], dtype=w.dtype, device=w.device) for w in weights}
 
     def run():
         with torch.inference_mode():
             for _ in range(steps):
                 for w in weights:
                     torch.mm(rows[w.shape[0]], w)
+        if decoder.device.type == "cuda":
+            torch.cuda.synchronize()
     return run
 
 
@@ -94,6 +118,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
+        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    compiled = device.type == "cuda" if args.compile is None else args.compile
+    batch_sizes = [int(b) for b in (args.batch_sizes or ("1,64" if device.type == "cuda" else "1,8")).split(",")]
     model = build_model(args)
     config = model.config
     if args.prompt_tokens + args.new_tokens > config.context_length + 1:
@@ -101,22 +130,25 @@ def main(argv=None) -> dict:
 
     with tempfile.TemporaryDirectory() as folder:
         export_hf(model, folder)
-        hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        ours = Decoder(import_hf(folder).eval())
+        hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+        ours_model = import_hf(folder).to(device=device, dtype=dtype).eval()
     # No end-of-sequence token: transformers must produce exactly new_tokens tokens, as we do.
     hf_model.generation_config.eos_token_id = None
     hf_model.generation_config.pad_token_id = 0
+    decoders = {"ours": Decoder(ours_model)}
+    if compiled:
+        decoders["compiled"] = Decoder(ours_model).compile()
 
     generator = torch.Generator().manual_seed(args.seed)
-    report = {"model": args.checkpoint or args.preset, "params": num_params(model),
-              "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens,
-              "repeats": args.repeats, "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "transformers": transformers.__version__}
-    for batch in [int(b) for b in args.batch_sizes.split(",")]:
-        prompts = torch.randint(0, config.vocab_size, (batch, args.prompt_tokens), generator=generator)
-
-        def run_ours():
-            return [c.tokens for c in ours.generate(prompts, args.new_tokens)]
+    report = {**context("decode", device, "bench/decode.py", argv),
+              "model": args.checkpoint or args.preset, "params": num_params(model),
+              "dtype": str(dtype).removeprefix("torch."), "new_tokens": args.new_tokens,
+              "prompt_tokens": args.prompt_tokens, "repeats": args.repeats, "threads": torch.get_num_threads(),
+              "transformers": transformers.__version__}
+    for batch in batch_sizes:
+        prompts = torch.randint(0, config.vocab_size, (batch, args.prompt_tokens), generator=generator).to(device)
+        runs = {side: (lambda d=decoder: [c.tokens for c in d.generate(prompts, args.new_tokens)])
+                for side, decoder in decoders.items()}
 
         def run_hf():
             with torch.inference_mode():
@@ -124,23 +156,27 @@ def main(argv=None) -> dict:
                                         use_cache=True, max_new_tokens=args.new_tokens)
             return out[:, args.prompt_tokens:].tolist()
 
-        run_floor = matmul_only(ours, batch, args.new_tokens)
-        ours_tokens, hf_tokens = run_ours(), run_hf()  # warm-up, and the outputs to compare
-        run_floor()
-        assert all(len(t) == args.new_tokens for t in ours_tokens + hf_tokens), "a side stopped early"
-        times = {"ours": [], "hf": [], "floor": []}
-        for _ in range(args.repeats):  # interleaved: all see the same machine weather
-            times["ours"].append(timed(run_ours)[0])
-            times["hf"].append(timed(run_hf)[0])
-            times["floor"].append(timed(run_floor)[0])
+        runs["hf"] = run_hf
+        runs["floor"] = matmul_only(decoders["ours"], batch, args.new_tokens)
+        first = {side: timed(run) for side, run in runs.items()}  # warm-up, and the outputs to compare
+        hf_tokens = first["hf"][1]
+        times = {side: [] for side in runs}
+        for _ in range(args.repeats):  # interleaved: every side sees the same machine weather
+            for side, run in runs.items():
+                times[side].append(timed(run)[0])
         rate = {side: batch * args.new_tokens / statistics.median(t) for side, t in times.items()}
-        report[f"batch_{batch}"] = {
-            "ours_tokens_per_s": round(rate["ours"], 1), "hf_tokens_per_s": round(rate["hf"], 1),
-            "ratio": round(rate["ours"] / rate["hf"], 2),
-            "matmul_only_tokens_per_s": round(rate["floor"], 1),
-            "tokens_match": ours_tokens == hf_tokens,
-        }
-    print(json.dumps(report))
+        row = {f"{side}_tokens_per_s": round(rate[side], 1) for side in decoders}
+        row["hf_tokens_per_s"] = round(rate["hf"], 1)
+        row["ratio"] = round(rate["ours"] / rate["hf"], 2)
+        if compiled:
+            row["compiled_ratio"] = round(rate["compiled"] / rate["hf"], 2)
+        row["matmul_only_tokens_per_s"] = round(rate["floor"], 1)
+        row["first_call_s"] = {side: round(first[side][0], 3) for side in (*decoders, "hf")}
+        row["tokens_match"] = {side: first[side][1] == hf_tokens for side in decoders}
+        assert all(len(t) == args.new_tokens for side in (*decoders, "hf") for t in first[side][1]), \
+            "a side stopped early"
+        report[f"batch_{batch}"] = row
+    emit(report, args.out)
     return report
 
 

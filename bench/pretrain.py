@@ -25,12 +25,8 @@ and CUDA start-up), with --compile. --out FILE also saves the JSON (bench/result
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench.report import context, device_name, emit  # noqa: E402
 from llm.data import TokenDataset, read_meta  # noqa: E402
 from llm.model import GPT, ModelConfig, PRESETS, flops_per_token, num_params  # noqa: E402
 from llm.train import (  # noqa: E402
@@ -89,31 +86,6 @@ class SyntheticTokens:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         window = torch.randint(self.vocab_size, (self.batch_size, self.seq_len + 1), generator=generator)
         return window[:, :-1], window[:, 1:]
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "cpu":
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} torch threads)"
-        except OSError:
-            pass
-        return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} torch threads)"
-    return device.type
-
-
-def git_commit() -> str | None:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return None
 
 
 def main(argv=None) -> dict:
@@ -173,13 +145,7 @@ def main(argv=None) -> dict:
                 "MFU not computed rather than guessed")
 
     report = {
-        "bench": "pretrain",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": device.type,
-        "device_name": device_name(device),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda if device.type == "cuda" else None,
-        "git_commit": git_commit(),
+        **context("pretrain", device, "bench/pretrain.py", argv),
         "preset": args.preset,
         "parameters": num_params(model),
         "vocab_size": model_config.vocab_size,
@@ -208,14 +174,8 @@ def main(argv=None) -> dict:
         "first_loss": round(steps[0][1]["loss"], 4),
         "final_loss": round(result.train_loss, 4),
         "note": note,
-        "command": " ".join([Path(sys.executable).name, "bench/pretrain.py", *(sys.argv[1:] if argv is None else argv)]),
     }
-    line = json.dumps(report)
-    print(line)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
+    emit(report, args.out)
     return report
 
 

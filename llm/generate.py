@@ -125,18 +125,21 @@ class _Cache:
     (layer, B, slot, k heads then v heads, D). The k and v of a new token are then one
     contiguous piece of the qkv projection's output and go into the cache with one copy.
     keys[i] / values[i] are layer i's (B, kv heads, slot, D) views for attention.
+    A compiled decoder's cache always has key_valid, first_slot and slot_ids, so that every
+    step takes the same inputs; in_use marks a cache that a running stream holds.
     """
-    __slots__ = ("kv", "keys", "values", "key_valid", "first_slot")
+    __slots__ = ("kv", "keys", "values", "key_valid", "first_slot", "slot_ids", "in_use")
 
 
 class Decoder:
     """A GPT's weights laid out for fast cached decoding.
 
     Build it once per trained model and call `stream` / `generate` as often as you like. On CPU
-    it holds a copy of the linear weights: rebuild it if the model changes.
+    it holds a copy of the linear weights: rebuild it if the model changes. compile=True
+    decodes through torch.compile (see `compile`).
     """
 
-    def __init__(self, model: GPT):
+    def __init__(self, model: GPT, compile: bool = False):
         c = self.config = model.config
         self.n_head, self.n_kv_head, self.head_dim = c.n_head, c.n_kv_head, c.head_dim
         self.group = c.n_head // c.n_kv_head
@@ -171,6 +174,45 @@ class Decoder:
         if self.rope:
             self.rope_cos = model.rope_cos.to(self.dtype)
             self.rope_sin = model.rope_sin.to(self.dtype)
+        self.compiled = False
+        self._decode_step = self._decode
+        self._static_caches: dict[tuple[int, int], _Cache] = {}   # (batch, slots) -> cache, if compiled
+        if compile:
+            self.compile()
+
+    def compile(self, **options) -> Decoder:
+        """Decode through torch.compile with fixed shapes; on a GPU, replay the step as a CUDA graph.
+
+        A decode step of a small model at batch 1 is launch-bound: ~100 tiny kernels, each of which
+        costs more to launch than to run. A CUDA graph launches them all at once, but it replays
+        fixed shapes at fixed addresses. So a compiled decoder rounds its caches' slots up to a
+        power of two, passes the slot as a tensor, and attends over the whole cache with a mask
+        that hides the slots not written yet: one compiled step per (batch size, slot count),
+        whatever the prompts' lengths. Past torch's limit of compilations per function
+        (torch._dynamo.config.recompile_limit, 8) new shapes run uncompiled.
+        On a CPU it compiles too but replays no graph, and was slower than the plain decoder in
+        bench/decode.py (memory-bound, not launch-bound). options go to torch.compile, e.g.
+        fullgraph=True, backend="eager" to check that the step traces as one graph.
+        """
+        options = {"dynamic": False,
+                   "mode": "reduce-overhead" if self.device.type == "cuda" else None, **options}
+        if options.get("backend", "inductor") != "inductor":
+            options.pop("mode")                                # modes belong to inductor
+        if self.device.type == "cuda":
+            # The weights are plain tensors, not parameters: without this, a CUDA graph would
+            # copy every one of them into its own buffers before each replay.
+            for tensor in self._tensors():
+                torch._dynamo.mark_static_address(tensor)
+        self.compiled = True
+        self._decode_step = torch.compile(self._decode, **options)
+        return self
+
+    def _tensors(self) -> Iterator[torch.Tensor]:
+        for layer in self.layers:
+            yield from (getattr(layer, name) for name in _Layer.__slots__ if getattr(layer, name) is not None)
+        extra = (self.final_norm_w, self.final_norm_b, self.lm_head, self.tok_emb, self.pos_emb,
+                 getattr(self, "rope_cos", None), getattr(self, "rope_sin", None))
+        yield from (t for t in extra if t is not None)
 
     # --- public API ---
 
@@ -246,36 +288,79 @@ class Decoder:
 
     def _new_cache(self, prompts: list[list[int]], budgets: list[int]) -> _Cache:
         B, longest = len(prompts), max(len(p) for p in prompts)
+        pad = [longest - len(p) for p in prompts]
         n_slots = longest + max(budgets) - 1  # every new token but the last is fed back in
+        if self.compiled:
+            return self._static_cache(pad, n_slots)
+        cache = self._allocate(B, n_slots)
+        if any(pad):
+            cache.slot_ids = torch.arange(n_slots, device=self.device)
+            self._set_padding(cache, pad)
+        return cache
+
+    def _allocate(self, B: int, n_slots: int) -> _Cache:
         Hkv = self.n_kv_head
         cache = _Cache()
-        cache.kv = torch.empty(self.config.n_layer, B, n_slots, 2 * Hkv, self.head_dim,
+        # Zeros, not empty: a compiled step reads every slot, and a masked-out NaN would still
+        # turn the attention output into NaN (0 * NaN).
+        cache.kv = torch.zeros(self.config.n_layer, B, n_slots, 2 * Hkv, self.head_dim,
                                dtype=self.dtype, device=self.device)
         cache.keys = [layer[:, :, :Hkv].transpose(1, 2) for layer in cache.kv]
         cache.values = [layer[:, :, Hkv:].transpose(1, 2) for layer in cache.kv]
-        pad = [longest - len(p) for p in prompts]
-        if any(pad):
-            pad_t = torch.tensor(pad, device=self.device)
-            slots = torch.arange(n_slots, device=self.device)
-            # (B, 1, 1, slots): a row attends to every slot from its first real token on.
-            cache.key_valid = (slots[None, :] >= pad_t[:, None])[:, None, None, :]
-            cache.first_slot = pad_t  # positions count from each row's first real token
+        cache.key_valid = cache.first_slot = cache.slot_ids = None
+        cache.in_use = False
+        return cache
+
+    def _set_padding(self, cache: _Cache, pad: list[int]) -> None:
+        pad_t = torch.tensor(pad, device=self.device)
+        # (B, 1, 1, slots): a row attends to every slot from its first real token on.
+        key_valid = (cache.slot_ids[None, :] >= pad_t[:, None])[:, None, None, :]
+        if cache.first_slot is None:
+            cache.key_valid, cache.first_slot = key_valid, pad_t  # positions count from a row's first token
+        else:  # in place: a recorded CUDA graph reads these very tensors
+            cache.key_valid.copy_(key_valid)
+            cache.first_slot.copy_(pad_t)
+
+    def _static_cache(self, pad: list[int], n_slots: int) -> _Cache:
+        """A compiled decoder's cache. Its slots are rounded up to a power of two, so that streams
+        of one batch size share a few shapes, each compiled once; and it is kept for the next
+        stream of the same shape, because a CUDA graph replays the addresses it recorded: a new
+        cache would make it record again (after 128 records torch gives up on it). The keys and
+        values of the last stream stay in the slots, hidden by the mask until overwritten."""
+        key = len(pad), 1 << (n_slots - 1).bit_length()
+        cache = self._static_caches.get(key)
+        if cache is None or cache.in_use:                  # in use: two streams at once
+            cache = self._allocate(*key)
+            cache.slot_ids = torch.arange(key[1], device=self.device)
+            self._set_padding(cache, pad)
+            if self.device.type == "cuda":
+                for tensor in (cache.kv, cache.key_valid, cache.first_slot, cache.slot_ids):
+                    torch._dynamo.mark_static_address(tensor)   # written in place, not copied in
+            self._static_caches.setdefault(key, cache)
         else:
-            cache.key_valid = cache.first_slot = None
+            self._set_padding(cache, pad)
         return cache
 
     def _steps(self, prompts, max_new_tokens, sampling, stop_ids, want_logprobs, top_logprobs):
         context = self.config.context_length
         budgets = [min(max_new_tokens, context + 1 - len(p)) for p in prompts]
+        cache = self._new_cache(prompts, budgets)
+        cache.in_use = True
+        try:
+            yield from self._run(cache, prompts, budgets, sampling, stop_ids, want_logprobs, top_logprobs)
+        finally:
+            cache.in_use = False
+
+    def _run(self, cache, prompts, budgets, sampling, stop_ids, want_logprobs, top_logprobs):
         B, longest = len(prompts), max(len(p) for p in prompts)
         produced, finished = [0] * B, [False] * B
-        cache = self._new_cache(prompts, budgets)
         # Left-pad so that every row's newest token is in the same slot.
         tokens = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=self.device)
         # inference_mode around each piece of work, never across a yield: the caller's code
         # between steps must not run in inference mode.
         with torch.inference_mode():
             logits = self._prefill(cache, tokens)
+            slots = cache.slot_ids if self.compiled else range(cache.kv.size(2))  # a tensor keeps shapes fixed
         for step in range(max(budgets)):
             with torch.inference_mode():
                 next_tokens = sample_next_token(logits, **sampling)
@@ -307,7 +392,9 @@ class Decoder:
             if all(finished):
                 return
             with torch.inference_mode():
-                logits = self._decode(cache, next_tokens, longest + step)
+                if self.compiled and self.device.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()   # the last step's logits are read
+                logits = self._decode_step(cache, next_tokens, slots[longest + step])
 
     # --- the forward passes ---
 
@@ -370,15 +457,21 @@ class Decoder:
             x = self._norm(x, self.final_norm_w, self.final_norm_b)
         return torch.mm(x, self.lm_head)
 
-    def _decode(self, cache: _Cache, tokens: torch.Tensor, slot: int) -> torch.Tensor:
+    def _decode(self, cache: _Cache, tokens: torch.Tensor, slot: int | torch.Tensor) -> torch.Tensor:
         """One new token per row (B,), written to cache `slot`; returns the next logits (B, V).
-        The hot loop of generation: kept to the fewest torch calls."""
+        The hot loop of generation: kept to the fewest torch calls. `slot` is an int, or a 0-dim
+        tensor when compiled: then every shape is fixed and a mask hides the slots after it."""
         B = tokens.size(0)
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        n = slot + 1                                            # slots to attend over
-        if cache.first_slot is None:
-            positions, mask = slot, None                        # same position in every row
+        if isinstance(slot, torch.Tensor):
+            n = cache.kv.size(2)                                # every slot, masked
+            positions = (slot - cache.first_slot).clamp(max=self.config.context_length - 1)
+            mask = cache.key_valid & (cache.slot_ids <= slot)
+            slot = slot.view(1)                                 # an index for index_copy_
+        elif cache.first_slot is None:
+            n, positions, mask = slot + 1, slot, None           # same position in every row
         else:
+            n = slot + 1                                        # the slots written so far
             positions = (slot - cache.first_slot).clamp_(max=self.config.context_length - 1)
             mask = cache.key_valid.narrow(3, 0, n)
         x = F.embedding(tokens, self.tok_emb)                   # (B, C)
@@ -390,13 +483,12 @@ class Decoder:
         for layer, kv, keys, values in zip(self.layers, cache.kv, cache.keys, cache.values):
             h = self._norm(x, layer.norm1_w, layer.norm1_b) if self.pre_norm else x
             qkv = _linear(h, layer.qkv_w, layer.qkv_b).view(B, H + 2 * Hkv, D)
-            # narrow / select rather than Python indexing: one cheap call each, no index parsing.
-            kv.select(1, slot).copy_(qkv.narrow(1, H, 2 * Hkv))  # k and v in one copy
+            _store(kv, slot, qkv.narrow(1, H, 2 * Hkv))          # k and v in one copy
             q = qkv.narrow(1, 0, H)
             if self.rope:  # rotate q and k together, then overwrite the cached keys with rotated ones
                 qk = apply_rope(qkv.narrow(1, 0, H + Hkv), cos, sin)
                 q = qk.narrow(1, 0, H)
-                kv.select(1, slot).narrow(1, 0, Hkv).copy_(qk.narrow(1, H, Hkv))
+                _store(kv.narrow(2, 0, Hkv), slot, qk.narrow(1, H, Hkv))
             # With one query per row, grouped-query attention needs no repeated keys: the G query
             # heads that share a key/value head become G query rows against it.
             y = F.scaled_dot_product_attention(q.reshape(B, Hkv, self.group, D), keys.narrow(2, 0, n),
@@ -406,6 +498,16 @@ class Decoder:
         if self.pre_norm:
             x = self._norm(x, self.final_norm_w, self.final_norm_b)
         return torch.mm(x, self.lm_head)
+
+
+def _store(cache: torch.Tensor, slot: int | torch.Tensor, rows: torch.Tensor) -> None:
+    """Write rows (B, heads, D) into slot `slot` of a layer's cache (B, slots, heads, D).
+    select + copy_ for an int: one cheap call, no index parsing; index_copy_ for a tensor slot,
+    which a compiled step can take without baking the slot into the graph."""
+    if isinstance(slot, int):
+        cache.select(1, slot).copy_(rows)
+    else:
+        cache.index_copy_(1, slot, rows.unsqueeze(1))
 
 
 # --- convenience --------------------------------------------------------------------------------

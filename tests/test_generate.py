@@ -182,3 +182,48 @@ def test_logprobs_are_the_models_log_probabilities():
         assert top[0][0] == token  # greedy picks the likeliest
         assert all(a[1] >= b[1] for a, b in zip(top, top[1:]))
         ids.append(token)
+
+
+# --- the compiled decoder -------------------------------------------------------------------------
+
+def counting_backend(graphs: list):
+    """A torch.compile backend that runs the traced graph as it is and counts compilations."""
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+    return backend
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_compiled_decoder_traces_one_graph_per_shape_and_equals_the_eager_one(variant):
+    torch._dynamo.reset()  # compilations of other tests' decoders count against torch's limit
+    model, graphs = build(**VARIANTS[variant]), []
+    eager = Decoder(model)
+    # fullgraph: any graph break (a Python branch on a tensor, an untraceable call) fails here.
+    compiled = Decoder(model).compile(backend=counting_backend(graphs), fullgraph=True)
+    for prompts, graphs_after in ((PROMPTS, 1), (PROMPTS[::-1], 1), ([[5, 6]], 2), ([[1, 2, 3], [4, 5, 6]], 3)):
+        expected = eager.generate(prompts, max_new_tokens=40)
+        assert [c.tokens for c in compiled.generate(prompts, max_new_tokens=40)] == [c.tokens for c in expected]
+        # Same batch size and slot bucket: the cache and the graph are reused, whatever the lengths.
+        assert len(graphs) == graphs_after
+    sampled = dict(max_new_tokens=20, temperature=1.0, top_k=20, seed=3, logprobs=True)
+    [a], [b] = eager.generate([[9, 1, 4]], **sampled), compiled.generate([[9, 1, 4]], **sampled)
+    assert a.tokens == b.tokens
+    assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+
+
+def test_interleaved_streams_of_a_compiled_decoder_do_not_share_a_cache():
+    torch._dynamo.reset()
+    model = build(**VARIANTS["llama-gqa"])
+    compiled = Decoder(model).compile(backend="eager", fullgraph=True)
+    a, b = compiled.stream([[1, 2]], max_new_tokens=8), compiled.stream([[7, 7]], max_new_tokens=8)
+    rows = [(step_a.tokens[0], step_b.tokens[0]) for step_a, step_b in zip(a, b)]
+    assert [r[0] for r in rows] == generate(model, [[1, 2]], 8)[0].tokens
+    assert [r[1] for r in rows] == generate(model, [[7, 7]], 8)[0].tokens
+
+
+def test_compiled_decoder_with_torchs_default_compiler():
+    torch._dynamo.reset()
+    model = build(**VARIANTS["llama-gqa"])
+    expected = [c.tokens for c in generate(model, PROMPTS, max_new_tokens=12)]
+    assert [c.tokens for c in Decoder(model, compile=True).generate(PROMPTS, max_new_tokens=12)] == expected
