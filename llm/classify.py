@@ -24,7 +24,6 @@ layers, plus the final norm and the head) and 'all'.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import time
@@ -40,13 +39,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
-from llm.finetune import (
-    DEVICES, clip_gradients, config_from_dict, field_checker, lr_at_step, make_optimizer, pad_token_id, prepare_run,
-    set_lr,
-)
+from llm.finetune import pad_token_id
 from llm.lora import DEFAULT_TARGETS, LoraSettings, add_lora, count_parameters, is_lora, merge_lora
 from llm.model import GPT, ModelConfig
 from llm.tokenizer import ENDOFTEXT, Tokenizer, load_tokenizer
+from llm.tuning import TuningKnobs, clip_gradients, field_checker, lr_at_step, make_optimizer, prepare_run, set_lr
 
 POOLINGS = ("last", "mean")
 TRAIN_MODES = ("head", "last_blocks", "all", "lora")
@@ -63,7 +60,7 @@ Callback = Callable[[int, dict], None]
 # --- config -------------------------------------------------------------------------------------
 
 @dataclass
-class ClassifyConfig:
+class ClassifyConfig(TuningKnobs):
     """Every classification knob. Defaults suit the SMS spam data and the tiny model on a CPU."""
 
     labels: tuple[str, ...] = ("ham", "spam")   # the declared classes, in head-output order
@@ -96,7 +93,6 @@ class ClassifyConfig:
 
     def __post_init__(self):
         self.labels = tuple(self.labels)
-        self.lora_targets = (self.lora_targets,) if isinstance(self.lora_targets, str) else tuple(self.lora_targets)
         check = field_checker("ClassifyConfig")
         check(len(self.labels) >= 2 and all(isinstance(x, str) and x for x in self.labels), "labels",
               self.labels, "must be two or more non-empty strings")
@@ -109,11 +105,6 @@ class ClassifyConfig:
         check(self.max_length >= 2, "max_length", self.max_length, "must be >= 2 (the boundary token and one more)")
         check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
-        check(self.lr > 0, "lr", self.lr, "must be > 0")
-        check(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
-        check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
-        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
-        check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 = no clipping)")
         check(self.patience >= 0, "patience", self.patience, "must be >= 0 (0 = no early stopping)")
         check(self.balance in BALANCES, "balance", self.balance, f"must be one of {BALANCES}")
         check(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "must be in [0, 1)")
@@ -121,24 +112,7 @@ class ClassifyConfig:
               self.test_fraction, f"must be in [0, 1) and leave training data with val_fraction={self.val_fraction}")
         check(self.unknown_labels in UNKNOWN_LABELS, "unknown_labels", self.unknown_labels,
               f"must be one of {UNKNOWN_LABELS}")
-        check(self.eval_every >= 0, "eval_every", self.eval_every, "must be >= 0 (0 = each epoch's end)")
-        check(self.seed >= 0, "seed", self.seed, "must be >= 0")
-        check(self.device in DEVICES, "device", self.device, f"must be one of {DEVICES}")
-        check(self.threads >= 0, "threads", self.threads, "must be >= 0 (0 = torch's default)")
-        self.lora_settings()
-
-    def lora_settings(self) -> LoraSettings:
-        try:
-            return LoraSettings(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets)
-        except ValueError as e:
-            raise ValueError(f"ClassifyConfig.lora_*: {e}") from None
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ClassifyConfig":
-        return config_from_dict(cls, values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "labels": list(self.labels), "lora_targets": list(self.lora_targets)}
+        self.check_shared_knobs(check)
 
 
 # --- labelled data ------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Supervised instruction tuning: teach the pretrained model to answer, from Alpaca-style records.
 
 Read top to bottom: the config, records -> examples (validation, the loss mask, over-long
-examples), the pieces shared with classification (learning-rate schedule, optimizer, gradient
-clipping), the result, batches, evaluation, then the loop.
+examples), the result, batches, evaluation, then the loop. What it shares with classification
+(schedule, optimizer, clipping, the common config knobs) is in llm.tuning.
 
 Each record {instruction, input, output} becomes one conversation in the prompt format of
 `llm.chat`, with a loss mask that is True on the response and its end token. The three switches
@@ -33,9 +33,9 @@ from tqdm.auto import tqdm
 
 from llm.chat import encode_example
 from llm.data import IGNORE_INDEX, PADDING_DOC, Example, LayoutReport, Rows, pack_examples, pad_examples
-from llm.lora import DEFAULT_TARGETS, LoraSettings, add_lora, count_parameters, merge_and_check
+from llm.lora import DEFAULT_TARGETS, add_lora, count_parameters, merge_and_check
 from llm.tokenizer import PAD, Tokenizer
-from llm.train import DEVICES, param_groups, resolve_device
+from llm.tuning import TuningKnobs, clip_gradients, field_checker, lr_at_step, make_optimizer, prepare_run, set_lr
 
 LOSS_ON = ("response", "all")
 LAYOUTS = ("packed", "padded")
@@ -48,7 +48,7 @@ Callback = Callable[[int, dict], None]
 # --- config -------------------------------------------------------------------------------------
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(TuningKnobs):
     """Every instruction-tuning knob. Defaults suit the tiny model and ~1k Alpaca records on a CPU."""
 
     epochs: int = 2
@@ -76,55 +76,16 @@ class FinetuneConfig:
     progress: bool = True
 
     def __post_init__(self):
-        self.lora_targets = (self.lora_targets,) if isinstance(self.lora_targets, str) else tuple(self.lora_targets)
         check = field_checker("FinetuneConfig")
         check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
         check(self.max_steps >= 0, "max_steps", self.max_steps, "must be >= 0 (0 = run `epochs` epochs)")
         check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         check(self.seq_len >= 0, "seq_len", self.seq_len, "must be >= 0 (0 = the model's context length)")
-        check(self.lr > 0, "lr", self.lr, "must be > 0")
-        check(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
-        check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
-        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
-        check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 = no clipping)")
         check(self.loss_on in LOSS_ON, "loss_on", self.loss_on, f"must be one of {LOSS_ON}")
         check(self.layout in LAYOUTS, "layout", self.layout, f"must be one of {LAYOUTS}")
         check(self.too_long in TOO_LONG, "too_long", self.too_long, f"must be one of {TOO_LONG}")
         check(self.method in METHODS, "method", self.method, f"must be one of {METHODS}")
-        check(self.eval_every >= 0, "eval_every", self.eval_every, "must be >= 0 (0 = each epoch's end)")
-        check(self.seed >= 0, "seed", self.seed, "must be >= 0")
-        check(self.device in DEVICES, "device", self.device, f"must be one of {DEVICES}")
-        check(self.threads >= 0, "threads", self.threads, "must be >= 0 (0 = torch's default)")
-        self.lora_settings()   # validates rank, alpha, dropout, targets, naming the field
-
-    def lora_settings(self) -> LoraSettings:
-        try:
-            return LoraSettings(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets)
-        except ValueError as e:
-            raise ValueError(f"FinetuneConfig.lora_*: {e}") from None
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "FinetuneConfig":
-        return config_from_dict(cls, values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "lora_targets": list(self.lora_targets)}
-
-
-def field_checker(owner: str) -> Callable[[bool, str, Any, str], None]:
-    def check(ok: bool, field_name: str, value: Any, rule: str) -> None:
-        if not ok:
-            raise ValueError(f"{owner}.{field_name} {rule}, got {value!r}")
-    return check
-
-
-def config_from_dict(cls, values: dict[str, Any]):
-    """Build a config dataclass from a plain dict, naming any key that is not a field."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; fields: {', '.join(sorted(fields))}")
-    return cls(**values)
+        self.check_shared_knobs(check)
 
 
 # --- records -> examples ------------------------------------------------------------------------
@@ -221,47 +182,6 @@ def split_records(records: Sequence[Any], val_fraction: float, test_fraction: fl
     n_test, n_val = round(len(records) * test_fraction), round(len(records) * val_fraction)
     pick = lambda idx: [records[i] for i in idx]  # noqa: E731
     return pick(order[n_test + n_val:]), pick(order[n_test:n_test + n_val]), pick(order[:n_test])
-
-
-# --- shared with classification -----------------------------------------------------------------
-
-def lr_at_step(step: int, total_steps: int, lr: float, min_lr: float, warmup_steps: int) -> float:
-    """Linear warmup to lr, then cosine decay to min_lr at total_steps. Warmup matters even when
-    tuning: AdamW's first updates rest on no gradient statistics and can knock a pretrained
-    model far from where it was."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
-
-
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters only (frozen ones would just hold zero state)."""
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
-def clip_gradients(model: nn.Module, max_norm: float) -> float:
-    """The global gradient norm before clipping (clipped to max_norm unless it is 0)."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    if not params:
-        return 0.0
-    if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
-
-
-def prepare_run(seed: int, threads: int, device: str) -> torch.device:
-    """Thread count, seeds and device for a deterministic run."""
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    return resolve_device(device)
 
 
 def pad_token_id(tokenizer: Tokenizer) -> int:

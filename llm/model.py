@@ -16,7 +16,6 @@ Shapes in comments: B batch, T time (tokens), C model width (d_model), H heads, 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -26,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
+
+from llm.plain import PlainDict
 
 IGNORE_INDEX = -100  # targets equal to this are left out of the loss (e.g. prompt tokens in fine-tuning)
 
@@ -38,7 +39,7 @@ POSITION_KINDS = ("learned", "rope")
 # --- config -------------------------------------------------------------------------------------
 
 @dataclass
-class ModelConfig:
+class ModelConfig(PlainDict):
     """Everything that decides the architecture. The defaults are the 'tiny' preset."""
 
     vocab_size: int = 8192
@@ -104,18 +105,6 @@ class ModelConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "ModelConfig":
-        """Build from a plain dict (config.json), naming any key that is not a field."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig field(s) {unknown}; fields: {', '.join(sorted(fields))}")
-        return cls(**values)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -51,6 +51,7 @@ from llm.data import TokenDataset
 from llm.diagnose import Diagnosis, diagnose
 from llm.distributed import SINGLE, Dist
 from llm.model import flops_per_token
+from llm.plain import PlainDict
 
 CHECKPOINTS_DIR = "checkpoints"
 DECAYS = ("cosine", "linear", "constant")
@@ -62,7 +63,7 @@ RESUMES = ("auto", "never")
 # --- config -------------------------------------------------------------------------------------
 
 @dataclass
-class TrainConfig:
+class TrainConfig(PlainDict):
     """Every training knob. Defaults suit a small model on a laptop CPU."""
 
     # learning rate: linear warmup to `lr`, then `decay` down to `min_lr` at max_steps
@@ -130,18 +131,6 @@ class TrainConfig:
         _require(self.sample_every == 0 or self.eval_every == 0 or self.sample_every % self.eval_every == 0,
                  "sample_every", self.sample_every,
                  f"must be a multiple of eval_every={self.eval_every}: samples are taken at evaluations")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        """Build from a plain dict (params, JSON), naming any key that is not a field."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s) {unknown}; fields: {', '.join(sorted(fields))}")
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "betas": list(self.betas)}
 
 
 def _require(ok: bool, field_name: str, value: Any, rule: str) -> None:

@@ -10,7 +10,7 @@ import torch
 from llm.chat import encode_example
 from llm.data import IGNORE_INDEX, pack_examples
 from llm.finetune import (
-    FinetuneConfig, encode_records, evaluate_loss, finetune, fixed_batches, lr_at_step, split_records,
+    FinetuneConfig, encode_records, evaluate_loss, finetune, fixed_batches, split_records,
 )
 from llm.model import GPT, ModelConfig
 from llm.tokenizer import END, train_char
@@ -197,12 +197,6 @@ def test_config_from_dict_names_unknown_keys_and_lora_problems():
 def test_seq_len_longer_than_the_context_is_refused(tokenizer):
     with pytest.raises(ValueError, match="FinetuneConfig.seq_len=128.*context_length=96"):
         finetune(tiny_gpt(tokenizer), tokenizer, make_records(4), None, quick(seq_len=128))
-
-
-def test_schedule_warms_up_then_decays_to_min_lr():
-    lrs = [lr_at_step(s, 10, 1.0, 0.1, 2) for s in range(11)]
-    assert lrs[:2] == [0.5, 1.0] and lrs[-1] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
 
 
 def test_split_is_seeded_and_complete():

@@ -1,0 +1,99 @@
+"""What tuning a pretrained model shares, whatever the task (llm.classify, llm.finetune).
+
+Both tasks start from the pretrained weights and train for a few epochs with the same optimizer,
+schedule and gradient clipping, optionally through LoRA adapters, on a seeded run. Their configs
+declare their own fields (each lists every knob of its task in one place); `TuningKnobs` checks
+the knobs they have in common.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from llm.lora import LoraSettings
+from llm.plain import PlainDict
+from llm.train import DEVICES, param_groups, resolve_device
+
+Check = Callable[[bool, str, Any, str], None]
+
+
+# --- config -------------------------------------------------------------------------------------
+
+def field_checker(owner: str) -> Check:
+    """check(ok, field, value, rule) raises 'Owner.field rule, got value' unless ok."""
+    def check(ok: bool, field_name: str, value: Any, rule: str) -> None:
+        if not ok:
+            raise ValueError(f"{owner}.{field_name} {rule}, got {value!r}")
+    return check
+
+
+class TuningKnobs(PlainDict):
+    """Mixin for a tuning config dataclass with the fields lr, min_lr, warmup_steps, weight_decay,
+    grad_clip, eval_every, lora_rank, lora_alpha, lora_dropout, lora_targets, seed, device and
+    threads."""
+
+    def check_shared_knobs(self, check: Check) -> None:
+        """Validate the shared knobs (the task's __post_init__ checks its own)."""
+        self.lora_targets = (self.lora_targets,) if isinstance(self.lora_targets, str) else tuple(self.lora_targets)
+        check(self.lr > 0, "lr", self.lr, "must be > 0")
+        check(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
+        check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
+        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 = no clipping)")
+        check(self.eval_every >= 0, "eval_every", self.eval_every, "must be >= 0 (0 = each epoch's end)")
+        check(self.seed >= 0, "seed", self.seed, "must be >= 0")
+        check(self.device in DEVICES, "device", self.device, f"must be one of {DEVICES}")
+        check(self.threads >= 0, "threads", self.threads, "must be >= 0 (0 = torch's default)")
+        self.lora_settings()   # validates rank, alpha, dropout and targets, naming the field
+
+    def lora_settings(self) -> LoraSettings:
+        try:
+            return LoraSettings(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets)
+        except ValueError as e:
+            raise ValueError(f"{type(self).__name__}.lora_*: {e}") from None
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+def prepare_run(seed: int, threads: int, device: str) -> torch.device:
+    """Thread count, seeds and device for a deterministic run."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    return resolve_device(device)
+
+
+def lr_at_step(step: int, total_steps: int, lr: float, min_lr: float, warmup_steps: int) -> float:
+    """Linear warmup to lr, then cosine decay to min_lr at total_steps. Warmup matters even when
+    tuning: AdamW's first updates rest on no gradient statistics and can knock a pretrained
+    model far from where it was."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters only (frozen ones would just hold zero state)."""
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> float:
+    """The global gradient norm before clipping (clipped to max_norm unless it is 0)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
