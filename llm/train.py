@@ -394,11 +394,12 @@ class TrainResult:
     checkpoint: Path              # the final checkpoint
     resumed_from: int | None      # the step this invocation continued from; None if it started fresh
     elapsed_s: float              # wall time of this invocation
-    tokens_per_s: float           # mean over this invocation's updates (0 if it had none to do)
+    tokens_per_s: float           # over every timed update of the run, earlier invocations included
     mfu: float | None             # from tokens_per_s; None off CUDA or on an unknown GPU
     history: dict[str, list] = field(default_factory=dict)
-    # history: "train_loss", "lr", "grad_norm": [(step, value)] every step; "val_loss": [(step,
-    # value)] every evaluation; "sample": [(step, text)]. Resumed runs carry the earlier steps.
+    # history: "train_loss", "lr", "grad_norm", "step_s" (the update's seconds): [(step, value)]
+    # every step; "val_loss": [(step, value)] every evaluation; "sample": [(step, text)].
+    # Resumed runs carry the earlier steps (a checkpoint written before step_s existed has none).
     diagnosis: Diagnosis = field(default_factory=Diagnosis)
 
     def to_dict(self) -> dict[str, Any]:
@@ -416,7 +417,7 @@ class TrainResult:
 
 
 def new_history() -> dict[str, list]:
-    return {"train_loss": [], "lr": [], "grad_norm": [], "val_loss": [], "sample": []}
+    return {"train_loss": [], "lr": [], "grad_norm": [], "step_s": [], "val_loss": [], "sample": []}
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -480,19 +481,18 @@ def _train(model: nn.Module, train_data: Batches, val_data: Batches | None, conf
     if not where.is_main:   # the other ranks compute; rank 0 reports
         on_step = on_eval = sample_fn = None
 
-    began, trained_s = time.perf_counter(), 0.0
+    began = time.perf_counter()
     with tqdm(total=config.max_steps, initial=start, disable=not (config.progress and where.is_main), unit="step",
               dynamic_ncols=True) as bar:
         for step in range(start, config.max_steps):
             t0 = time.perf_counter()
             loss, grad_norm, lr = _update(run, train_data, step)
             step_s = time.perf_counter() - t0
-            trained_s += step_s
             tokens_per_s = tokens_per_step / step_s
             metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm,
                        "tokens_seen": (step + 1) * tokens_per_step, "tokens_per_s": tokens_per_s,
                        "mfu": model_flops_utilisation(tokens_per_s, flops_per_tok, peak)}
-            _record(run.history, step, train_loss=loss, lr=lr, grad_norm=grad_norm)
+            _record(run.history, step, train_loss=loss, lr=lr, grad_norm=grad_norm, step_s=step_s)
             bar.set_postfix(_postfix(metrics), refresh=False)
             bar.update()
             if on_step:
@@ -505,8 +505,7 @@ def _train(model: nn.Module, train_data: Batches, val_data: Batches | None, conf
     # Every rank leaves once the final checkpoint is on disk, so every rank's result names a
     # checkpoint that exists.
     distributed.barrier(where)
-    return _result(run, resumed_from, tokens_per_step, time.perf_counter() - began, trained_s,
-                   config.max_steps - start, flops_per_tok, peak)
+    return _result(run, resumed_from, tokens_per_step, time.perf_counter() - began, flops_per_tok, peak)
 
 
 def _check_data(train_data: Batches, val_data: Batches | None, config: TrainConfig, model: nn.Module) -> None:
@@ -568,7 +567,8 @@ def _resume_or_start(run: _Run) -> None:
     check_same(latest, "training config", saved, current, TRAJECTORY_FIELDS,
                hint="Use the same settings, another out_dir, or resume='never' to start over.")
     state = load_training_checkpoint(latest, run.model, run.optimizer)
-    run.history, run.start_step, run.last_checkpoint = state.history, state.step, latest
+    run.history = {**new_history(), **state.history}   # keys added since the checkpoint start empty
+    run.start_step, run.last_checkpoint = state.step, latest
     if len(state.history["train_loss"]) != state.step:
         raise ValueError(f"checkpoint {latest} is inconsistent: step {state.step} but "
                          f"{len(state.history['train_loss'])} logged losses")
@@ -708,11 +708,14 @@ def _postfix(metrics: dict[str, Any]) -> dict[str, str]:
     return postfix
 
 
-def _result(run: _Run, resumed_from: int | None, tokens_per_step: int, elapsed_s: float, trained_s: float,
-            updates: int, flops_per_tok: int, peak: float | None) -> TrainResult:
+def _result(run: _Run, resumed_from: int | None, tokens_per_step: int, elapsed_s: float, flops_per_tok: int,
+            peak: float | None) -> TrainResult:
     history = run.history
     val_loss = history["val_loss"][-1][1] if history["val_loss"] else None
-    tokens_per_s = updates * tokens_per_step / trained_s if trained_s > 0 else 0.0
+    # Over the whole run, so that an invocation that resumes at the last step still reports the
+    # speed the model was trained at (the first update of each invocation pays for start-up).
+    timed = [seconds for _, seconds in history["step_s"]]
+    tokens_per_s = len(timed) * tokens_per_step / sum(timed) if sum(timed) > 0 else 0.0
     diagnosis = diagnose(history["train_loss"], history["val_loss"])
     if run.config.progress and run.where.is_main:
         print(diagnosis.report())
@@ -721,5 +724,5 @@ def _result(run: _Run, resumed_from: int | None, tokens_per_step: int, elapsed_s
         tokens_per_step=tokens_per_step, train_loss=history["train_loss"][-1][1], val_loss=val_loss,
         val_ppl=perplexity(val_loss) if val_loss is not None else None, checkpoint=run.last_checkpoint,
         resumed_from=resumed_from, elapsed_s=elapsed_s, tokens_per_s=tokens_per_s,
-        mfu=model_flops_utilisation(tokens_per_s, flops_per_tok, peak) if updates else None,
+        mfu=model_flops_utilisation(tokens_per_s, flops_per_tok, peak) if timed else None,
         history=history, diagnosis=diagnosis)

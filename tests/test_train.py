@@ -198,6 +198,9 @@ def test_checkpoints_keep_the_last_k_and_a_finished_run_is_not_redone(data_dir, 
     (checkpoints / ".step_0000007.tmp-abc").mkdir()   # as left by a run killed mid-write
     _, again = run_training(data_dir, tmp_path, config)
     assert again.resumed_from == 6 and again.history == first.history
+    # Nothing left to train, yet the speed is the run's, from the updates' times in the history.
+    assert len(first.history["step_s"]) == 6 and first.tokens_per_s > 0
+    assert again.tokens_per_s == first.tokens_per_s
     assert not (checkpoints / ".step_0000007.tmp-abc").exists()
 
     _, fresh = run_training(data_dir, tmp_path, quick_config(max_steps=6, checkpoint_every=1, keep_checkpoints=2,
