@@ -154,7 +154,9 @@ def pretrain_flow(params: Params) -> dict:
     checkpoints = OUT / "checkpoints" / key
     torch.manual_seed(train_config.seed)  # the initial weights too: same params, same model
     model = GPT(model_config)
-    log.info(f"model: {num_params(model):,} parameters ({p.model.preset}); run key {key}; "
+    shape = p.model.preset + (f" at depth {p.model.depth}" if p.model.depth else "")
+    log.info(f"model: {num_params(model):,} parameters ({shape}: {model_config.n_layer} layers, "
+             f"{model_config.d_model} wide); run key {key}; "
              f"{train_data.meta['num_tokens']:,} training tokens")
 
     with stage_run("pretrain", params, system_metrics=True) as stage:

@@ -160,9 +160,11 @@ def _build(dataclass: type, values: dict) -> Any:
 
 
 class ModelParams(mirror(ModelConfig, optional=True)):
-    """A preset plus any fields to change: `{preset: tiny, n_layer: 6}`."""
+    """A preset plus any fields to change: `{preset: tiny, n_layer: 6}`; depth resizes the preset
+    (llm.model.shape_for_depth) before the fields apply: `{preset: llama-tiny, depth: 8}`."""
 
     preset: str = "tiny"
+    depth: Optional[int] = None
 
     @model_validator(mode="after")
     def _buildable(self) -> "ModelParams":
@@ -172,9 +174,9 @@ class ModelParams(mirror(ModelConfig, optional=True)):
         return self
 
     def build(self) -> ModelConfig:
-        overrides = {k: v for k, v in self.model_dump(exclude={"preset"}).items() if v is not None}
+        overrides = {k: v for k, v in self.model_dump(exclude={"preset", "depth"}).items() if v is not None}
         try:
-            return ModelConfig.from_preset(self.preset, **overrides)
+            return ModelConfig.from_preset(self.preset, depth=self.depth, **overrides)
         except (TypeError, ValueError) as err:
             raise ValueError(str(err)) from None
 

@@ -100,11 +100,14 @@ class ModelConfig(PlainDict):
         return self.d_model // self.n_head
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "ModelConfig":
-        """A preset, with any field replaced: `ModelConfig.from_preset('tiny', n_layer=2)`."""
+    def from_preset(cls, name: str, *, depth: int | None = None, **overrides) -> "ModelConfig":
+        """A preset, with any field replaced: `ModelConfig.from_preset('tiny', n_layer=2)`.
+        depth resizes it first (see shape_for_depth): `from_preset('llama-tiny', depth=8)`."""
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
-        return cls.from_dict({**PRESETS[name], **overrides})
+        preset = PRESETS[name]
+        resized = shape_for_depth(depth, preset) if depth is not None else {}
+        return cls.from_dict({**preset, **resized, **overrides})
 
 
 def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -121,6 +124,18 @@ def default_d_ff(d_model: int, mlp: str) -> int:
 
 
 # --- presets ------------------------------------------------------------------------------------
+
+def shape_for_depth(depth: int, preset: dict) -> dict:
+    """One dial for the model's size, as in nanochat: `depth` layers, 64 * depth wide, in heads
+    of 64 dimensions, the MLP at its default width. Width grows with depth so the model keeps
+    the aspect ratio of GPT-2 (depth 12 is GPT-2 124M's shape; the 'tiny' preset is depth 4).
+    Grouped-query presets keep their heads-per-key/value-head ratio where it divides."""
+    if not (isinstance(depth, int) and depth >= 1):
+        raise ValueError(f"depth must be an integer >= 1, got {depth!r}")
+    group = preset["n_head"] // (preset.get("n_kv_head") or preset["n_head"])
+    return {"n_layer": depth, "d_model": 64 * depth, "n_head": depth,
+            "n_kv_head": depth // group if depth % group == 0 else depth, "d_ff": 0}
+
 
 _GPT2 = dict(mlp="gelu", norm="layernorm", position="learned", qkv_bias=True, bias=True,
              tie_embeddings=True, vocab_size=50257, context_length=1024)

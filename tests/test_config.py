@@ -86,3 +86,13 @@ def test_missing_section_and_bad_yaml(tmp_path):
         load_params(tmp_path / "params.yaml")
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "missing.yaml")
+
+
+def test_the_depth_dial_builds_the_model_and_a_bad_depth_is_named(tmp_path):
+    data = base()
+    data["pretrain"] = {"model": {"preset": "llama-tiny", "depth": 6, "vocab_size": 512}}
+    config = load_params(write(tmp_path, data)).pretrain.model.build()
+    assert (config.n_layer, config.d_model, config.n_kv_head, config.vocab_size) == (6, 384, 3, 512)
+    data["pretrain"]["model"]["depth"] = 0
+    with pytest.raises(ConfigError, match=r"pretrain.model.*depth must be an integer >= 1"):
+        load_params(write(tmp_path, data))

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm.model import (GPT, PRESETS, ModelConfig, document_positions_and_mask, flops_per_token,
+from llm.model import (GPT, PRESETS, ModelConfig, default_d_ff, document_positions_and_mask, flops_per_token,
                        load_checkpoint, num_params, save_checkpoint)
 
 @pytest.fixture(autouse=True, scope="module")
@@ -83,6 +83,21 @@ def test_presets_and_overrides():
         ModelConfig.from_preset("gpt5")
     with pytest.raises(ValueError, match="n_layers"):
         ModelConfig.from_preset("tiny", n_layers=2)
+
+
+def test_one_depth_dial_sizes_a_preset_keeping_its_recipe():
+    # The dial reproduces the hand-picked shapes: 'tiny' is depth 4, GPT-2 124M depth 12.
+    assert ModelConfig.from_preset("tiny", depth=4) == ModelConfig.from_preset("tiny")
+    assert ModelConfig.from_preset("gpt2-124m", depth=12) == ModelConfig.from_preset("gpt2-124m")
+    deeper = ModelConfig.from_preset("llama-tiny", depth=8)
+    assert (deeper.n_layer, deeper.d_model, deeper.n_head, deeper.head_dim) == (8, 512, 8, 64)
+    assert deeper.n_kv_head == 4 and deeper.mlp == "swiglu"          # GQA's 2 heads per kv head kept
+    assert ModelConfig.from_preset("llama-tiny", depth=5).n_kv_head == 5  # 2 does not divide 5: plain MHA
+    # llama-100m's hand-set MLP width does not follow it to another size; explicit fields win.
+    assert ModelConfig.from_preset("llama-100m", depth=6).d_ff == default_d_ff(384, "swiglu")
+    assert ModelConfig.from_preset("tiny", depth=6, d_ff=1000).d_ff == 1000
+    with pytest.raises(ValueError, match="depth must be an integer >= 1"):
+        ModelConfig.from_preset("tiny", depth=0)
 
 
 # --- counts -------------------------------------------------------------------------------------
