@@ -463,7 +463,8 @@ class Decoder:
         tensor when compiled: then every shape is fixed and a mask hides the slots after it."""
         B = tokens.size(0)
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        if isinstance(slot, torch.Tensor):
+        compiled = isinstance(slot, torch.Tensor)
+        if compiled:
             n = cache.kv.size(2)                                # every slot, masked
             positions = (slot - cache.first_slot).clamp(max=self.config.context_length - 1)
             mask = cache.key_valid & (cache.slot_ids <= slot)
@@ -480,7 +481,11 @@ class Decoder:
         if self.rope:
             cos = self.rope_cos[positions].view(-1, 1, D)       # broadcast over heads
             sin = self.rope_sin[positions].view(-1, 1, D)
-        for layer, kv, keys, values in zip(self.layers, cache.kv, cache.keys, cache.values):
+        for i, (layer, kv) in enumerate(zip(self.layers, cache.kv)):
+            if compiled:  # views made in the graph: the cache enters it as one tensor, not with its aliases
+                keys, values = kv.narrow(2, 0, Hkv).transpose(1, 2), kv.narrow(2, Hkv, Hkv).transpose(1, 2)
+            else:
+                keys, values = cache.keys[i], cache.values[i]
             h = self._norm(x, layer.norm1_w, layer.norm1_b) if self.pre_norm else x
             qkv = _linear(h, layer.qkv_w, layer.qkv_b).view(B, H + 2 * Hkv, D)
             _store(kv, slot, qkv.narrow(1, H, 2 * Hkv))          # k and v in one copy

@@ -187,9 +187,16 @@ def test_logprobs_are_the_models_log_probabilities():
 # --- the compiled decoder -------------------------------------------------------------------------
 
 def counting_backend(graphs: list):
-    """A torch.compile backend that runs the traced graph as it is and counts compilations."""
+    """A torch.compile backend that runs the traced graph as it is and counts compilations.
+
+    It also refuses a graph that takes the key/value cache more than once (as the cache and as
+    views of it): torch would then rebuild a common base for every call, and a CUDA graph could
+    not treat the cache as the one static buffer it writes to."""
     def backend(graph_module, example_inputs):
         graphs.append(graph_module)
+        caches = [t.untyped_storage().data_ptr() for t in example_inputs
+                  if isinstance(t, torch.Tensor) and t.dim() >= 4]
+        assert len(caches) == len(set(caches)), "the cache enters the graph more than once"
         return graph_module.forward
     return backend
 
