@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from llm import distributed
+from llm import distributed, optim
 from llm.checkpoint import (
     TRAIN_CONFIG_FILE, check_model_config, check_same, latest_checkpoint, load_training_checkpoint, prune_checkpoints,
     CheckpointMismatch, capture_rng_state, checkpoint_name, read_json_file, remove_stale_temporaries,
@@ -51,6 +51,7 @@ from llm.data import TokenDataset
 from llm.diagnose import Diagnosis, diagnose
 from llm.distributed import SINGLE, Dist
 from llm.model import flops_per_token
+from llm.optim import OPTIMIZERS, Combined
 from llm.plain import PlainDict
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -78,6 +79,7 @@ class TrainConfig(PlainDict):
     batch_size: int = 16
     tokens_per_step: int = 0
     # optimizer
+    optimizer: str = "adamw"             # 'adamw', or 'muon' (Muon for the blocks' matrices; llm.optim)
     grad_clip: float = 1.0               # max global gradient norm; 0 = no clipping
     weight_decay: float = 0.1            # on matrices (>= 2-D parameters) only
     betas: tuple[float, float] = (0.9, 0.95)
@@ -112,6 +114,7 @@ class TrainConfig(PlainDict):
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         _require(self.tokens_per_step >= 0, "tokens_per_step", self.tokens_per_step,
                  "must be >= 0 (0 = no gradient accumulation)")
+        _require(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"must be one of {OPTIMIZERS}")
         _require(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 = no clipping)")
         _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", self.betas,
@@ -143,7 +146,7 @@ def _require(ok: bool, field_name: str, value: Any, rule: str) -> None:
 # counts as the tokens of one whole update (global_tokens_per_step): update s reads the same rows
 # however they are cut into micro-batches and processes, so batch_size, accumulation and the
 # number of processes may change between a checkpoint and its resumption.
-TRAJECTORY_FIELDS = ("lr", "min_lr", "warmup_steps", "decay", "max_steps", "global_tokens_per_step",
+TRAJECTORY_FIELDS = ("lr", "min_lr", "warmup_steps", "decay", "max_steps", "global_tokens_per_step", "optimizer",
                      "grad_clip", "weight_decay", "betas", "seed", "doc_masking", "dtype")
 
 
@@ -171,21 +174,8 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 # --- optimizer ----------------------------------------------------------------------------------
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups: matrices (and embeddings) decay, vectors (biases, norm gains) do not.
-
-    Decay pulls weights towards zero; a norm's gain pulled towards zero, or a bias, only loses
-    expressiveness and regularises nothing. A tied embedding/output matrix appears once.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]   # .parameters() yields a tied weight once
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-
-
-def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    # The fused CUDA kernel updates all parameters in one launch instead of several per tensor.
-    return torch.optim.AdamW(param_groups(model, config.weight_decay), lr=lr_at(0, config),
-                             betas=config.betas, fused=device.type == "cuda")
+def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer | Combined:
+    return optim.make_optimizer(model, config.optimizer, lr_at(0, config), config.weight_decay, config.betas, device)
 
 
 def accumulation_steps(config: TrainConfig, seq_len: int, world_size: int = 1) -> int:
@@ -562,6 +552,7 @@ def _resume_or_start(run: _Run) -> None:
         return
     check_model_config(latest, run.model.config.to_dict())
     saved = read_json_file(latest / TRAIN_CONFIG_FILE)
+    saved.setdefault("optimizer", "adamw")   # written before there was a choice
     current = _checked_config(run.config, seq_len, where.world_size)
     _check_global_batch(latest, saved, current, seq_len)
     check_same(latest, "training config", saved, current, TRAJECTORY_FIELDS,

@@ -17,7 +17,8 @@ import torch.nn as nn
 
 from llm.lora import LoraSettings
 from llm.plain import PlainDict
-from llm.train import DEVICES, param_groups, resolve_device
+from llm.optim import param_groups
+from llm.train import DEVICES, resolve_device
 
 Check = Callable[[bool, str, Any, str], None]
 

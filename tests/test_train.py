@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from llm.checkpoint import (
 )
 from llm.model import GPT
 from llm.train import (
-    TrainConfig, TrainingDiverged, accumulation_steps, load_datasets, lr_at, param_groups, peak_flops_of,
+    TrainConfig, TrainingDiverged, accumulation_steps, load_datasets, lr_at, peak_flops_of,
     resolve_device, resolve_dtype, train,
 )
 from train_driver import CONTEXT, make_token_files, tiny_model_config
@@ -100,17 +101,6 @@ def test_schedule_warms_up_linearly_then_decays_to_the_floor(decay):
 def test_constant_schedule_holds_the_rate_after_warmup():
     config = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=4, max_steps=20, decay="constant")
     assert [lr_at(s, config) for s in range(4, 20)] == [1e-3] * 16
-
-
-def test_weight_decay_applies_to_matrices_only():
-    model = GPT(tiny_model_config())   # tied embedding: the output layer shares tok_emb.weight
-    decayed, plain = param_groups(model, 0.1)
-    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
-    assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() < 2 for p in plain["params"])
-    assert any(p is model.tok_emb.weight for p in decayed["params"])
-    assert any(p is model.blocks[0].norm1.weight for p in plain["params"])
-    ids = [id(p) for p in decayed["params"] + plain["params"]]
-    assert len(ids) == len(set(ids)) == len(list(model.parameters()))   # each once, tied weight too
 
 
 def test_accumulation_needs_a_whole_number_of_micro_batches():
@@ -206,6 +196,23 @@ def test_checkpoints_keep_the_last_k_and_a_finished_run_is_not_redone(data_dir, 
     _, fresh = run_training(data_dir, tmp_path, quick_config(max_steps=6, checkpoint_every=1, keep_checkpoints=2,
                                                              resume="never"))
     assert fresh.resumed_from is None and fresh.history["train_loss"] == first.history["train_loss"]
+
+
+def test_muon_trains_and_resumes_exactly(data_dir, tmp_path):
+    config = quick_config(optimizer="muon", checkpoint_every=3)
+    _, adamw = run_training(data_dir, tmp_path / "adamw", quick_config())
+    _, muon = run_training(data_dir, tmp_path / "muon", config)
+    losses = [loss for _, loss in muon.history["train_loss"]]
+    assert all(math.isfinite(x) for x in losses) and losses != [x for _, x in adamw.history["train_loss"]]
+    state = torch.load(muon.checkpoint / STATE_FILE, weights_only=True)
+    assert set(state["optimizer"]) == {"muon", "adamw"}   # Muon's momentum is saved with AdamW's moments
+    # Lose the final checkpoint: the rerun resumes at step 3 and must retrace steps 4-6 exactly.
+    shutil.rmtree(muon.checkpoint)
+    model, resumed = run_training(data_dir, tmp_path / "muon", config)
+    assert resumed.resumed_from == 3 and resumed.history["train_loss"] == muon.history["train_loss"]
+    # A checkpoint of one optimizer is not continued with the other.
+    with pytest.raises(CheckpointMismatch, match="optimizer .checkpoint 'muon', now 'adamw'"):
+        run_training(data_dir, tmp_path / "muon", quick_config(checkpoint_every=3))
 
 
 def test_checkpoint_of_another_model_config_is_refused_naming_the_fields(data_dir, tmp_path):

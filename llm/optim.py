@@ -1,0 +1,81 @@
+"""The pretraining optimizers: AdamW, or Muon for the blocks' weight matrices with AdamW for the rest.
+
+AdamW scales each weight's step by that weight's own gradient history. Muon (torch.optim.Muon)
+treats a weight matrix as a whole: it orthogonalises the matrix's momentum (a few Newton-Schulz
+iterations), so the update moves every direction the matrix maps by the same amount instead of
+mostly the few directions that dominate the gradient. Scaled as torch's "match_rms_adamw" does,
+its steps are as large as AdamW's, so it takes AdamW's learning rate and weight decay. Muon is
+made for the 2-D matrices inside the transformer blocks; the embeddings, the output layer, norm
+gains and biases stay with AdamW (as in nanochat and modded-nanogpt). 'muon' therefore means two
+optimizers over disjoint parameters, stepped together by `Combined`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+OPTIMIZERS = ("adamw", "muon")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups of the trainable parameters: matrices (and embeddings) decay, vectors
+    (biases, norm gains) do not. A tied embedding/output matrix appears once."""
+    return decay_groups([p for p in model.parameters() if p.requires_grad], weight_decay)
+
+
+def decay_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+    """Decay pulls weights towards zero; a norm's gain pulled towards zero, or a bias, only loses
+    expressiveness and regularises nothing."""
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+class Combined:
+    """Optimizers over disjoint parameters, used as one: what the training loop and checkpoints
+    call (param_groups for the schedule, zero_grad, step, state_dict, load_state_dict)."""
+
+    def __init__(self, **optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [group for optimizer in self.optimizers.values() for group in optimizer.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for optimizer in self.optimizers.values():
+            optimizer.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != set(self.optimizers):
+            raise ValueError(f"optimizer state holds {sorted(state)}, expected {sorted(self.optimizers)}")
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state[name])
+
+
+def make_optimizer(model: nn.Module, kind: str, lr: float, weight_decay: float, betas: tuple[float, float],
+                   device: torch.device) -> torch.optim.Optimizer | Combined:
+    """AdamW over every trainable parameter, or (kind 'muon') Muon over the blocks' matrices and
+    AdamW over the rest. model: a GPT (it has .blocks)."""
+    # The fused CUDA kernel updates all parameters in one launch instead of several per tensor.
+    def adamw(groups):
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
+
+    if kind == "adamw":
+        return adamw(param_groups(model, weight_decay))
+    if kind != "muon":
+        raise ValueError(f"unknown optimizer {kind!r}; optimizers: {', '.join(OPTIMIZERS)}")
+    matrices = [p for p in model.blocks.parameters() if p.requires_grad and p.dim() == 2]
+    in_muon = {id(p) for p in matrices}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in in_muon]
+    muon = torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+    return Combined(muon=muon, adamw=adamw(decay_groups(rest, weight_decay)))
