@@ -20,6 +20,7 @@ or `dvc repro pack`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 from pathlib import Path
@@ -71,7 +72,7 @@ def main(argv=None) -> dict:
 
     runs = {}
     for name in args.optimizers.split(","):
-        config = p.train.build(**changes, optimizer=name)
+        config = dataclasses.replace(base, optimizer=name)
         torch.manual_seed(config.seed)                     # the same initial weights for every run
         model = GPT(model_config)
         train_data = TokenDataset(tokens / "train.bin", seed=config.seed, **data)

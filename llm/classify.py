@@ -43,7 +43,9 @@ from llm.finetune import pad_token_id
 from llm.lora import DEFAULT_TARGETS, LoraSettings, add_lora, count_parameters, is_lora, merge_lora
 from llm.model import GPT, ModelConfig
 from llm.tokenizer import ENDOFTEXT, Tokenizer, load_tokenizer
-from llm.tuning import TuningKnobs, clip_gradients, field_checker, lr_at_step, make_optimizer, prepare_run, set_lr
+from llm.optim import clip_gradients, set_lr
+from llm.plain import field_checker
+from llm.tuning import TuningKnobs, lr_at_step, make_optimizer, prepare_run
 
 POOLINGS = ("last", "mean")
 TRAIN_MODES = ("head", "last_blocks", "all", "lora")
@@ -567,7 +569,7 @@ def _update(model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tenso
     if not math.isfinite(loss_value):
         raise FloatingPointError(f"classification loss is {loss_value}: lower ClassifyConfig.lr")
     loss.backward()
-    grad_norm = clip_gradients(model, config.grad_clip)
+    grad_norm = float(clip_gradients(model, config.grad_clip))
     optimizer.step()
     return loss_value, grad_norm, int((logits.argmax(dim=-1) == labels).sum())
 

@@ -35,7 +35,9 @@ from llm.chat import encode_example
 from llm.data import IGNORE_INDEX, PADDING_DOC, Example, LayoutReport, Rows, pack_examples, pad_examples
 from llm.lora import DEFAULT_TARGETS, add_lora, count_parameters, merge_and_check
 from llm.tokenizer import PAD, Tokenizer
-from llm.tuning import TuningKnobs, clip_gradients, field_checker, lr_at_step, make_optimizer, prepare_run, set_lr
+from llm.optim import clip_gradients, set_lr
+from llm.plain import field_checker
+from llm.tuning import TuningKnobs, lr_at_step, make_optimizer, prepare_run
 
 LOSS_ON = ("response", "all")
 LAYOUTS = ("packed", "padded")
@@ -457,7 +459,7 @@ def _update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, de
     if not math.isfinite(loss_value):
         raise FloatingPointError(f"fine-tuning loss is {loss_value}: lower FinetuneConfig.lr or keep grad_clip > 0")
     loss.backward()
-    grad_norm = clip_gradients(model, grad_clip)
+    grad_norm = float(clip_gradients(model, grad_clip))
     optimizer.step()
     return loss_value, grad_norm
 

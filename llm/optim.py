@@ -62,6 +62,24 @@ class Combined:
             optimizer.load_state_dict(state[name])
 
 
+def set_lr(optimizer: torch.optim.Optimizer | Combined, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """The global gradient norm before clipping (a 0-d tensor); clipped to max_norm unless that is 0.
+
+    Clipping caps the size of one update, so a single bad batch cannot throw the weights far;
+    the pre-clip norm is the early-warning signal (it climbs before a loss spike). Clipping a
+    non-finite norm spoils the gradients, but the caller stops before they are applied."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
 def make_optimizer(model: nn.Module, kind: str, lr: float, weight_decay: float, betas: tuple[float, float],
                    device: torch.device) -> torch.optim.Optimizer | Combined:
     """AdamW over every trainable parameter, or (kind 'muon') Muon over the blocks' matrices and

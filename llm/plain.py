@@ -1,13 +1,25 @@
-"""Config dataclasses to and from plain dicts: what params.yaml, config.json and MLflow hold.
+"""Config dataclasses to and from plain dicts (what params.yaml, config.json and MLflow hold),
+and the check that names a bad field.
 
     config = TrainConfig.from_dict(yaml.safe_load(...)["train"])    # an unknown key is named
     json.dumps(config.to_dict())                                     # tuples become lists
+    check = field_checker("TrainConfig"); check(lr > 0, "lr", lr, "must be > 0")
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
+
+Check = Callable[[bool, str, Any, str], None]
+
+
+def field_checker(owner: str) -> Check:
+    """check(ok, field, value, rule) raises 'Owner.field rule, got value' unless ok."""
+    def check(ok: bool, field_name: str, value: Any, rule: str) -> None:
+        if not ok:
+            raise ValueError(f"{owner}.{field_name} {rule}, got {value!r}")
+    return check
 
 
 class PlainDict:

@@ -52,7 +52,7 @@ from llm.diagnose import Diagnosis, diagnose
 from llm.distributed import SINGLE, Dist
 from llm.model import flops_per_token
 from llm.optim import OPTIMIZERS, Combined
-from llm.plain import PlainDict
+from llm.plain import PlainDict, field_checker
 
 CHECKPOINTS_DIR = "checkpoints"
 DECAYS = ("cosine", "linear", "constant")
@@ -136,9 +136,7 @@ class TrainConfig(PlainDict):
                  f"must be a multiple of eval_every={self.eval_every}: samples are taken at evaluations")
 
 
-def _require(ok: bool, field_name: str, value: Any, rule: str) -> None:
-    if not ok:
-        raise ValueError(f"TrainConfig.{field_name} {rule}, got {value!r}")
+_require = field_checker("TrainConfig")
 
 
 # The fields that decide the loss curve. A checkpoint written with other values is refused on
@@ -603,8 +601,7 @@ def _update(run: _Run, data: Batches, step: int) -> tuple[float, float, float]:
     """One optimizer update over `accumulation` micro-batches; returns (loss, grad norm, lr)."""
     config, where = run.config, run.where
     lr = lr_at(step, config)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
+    optim.set_lr(run.optimizer, lr)
     run.optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=run.device)
     for micro in range(run.accumulation):
@@ -624,7 +621,7 @@ def _update(run: _Run, data: Batches, step: int) -> tuple[float, float, float]:
         total += loss.detach()
     if where.enabled:   # the update's loss is the mean over processes: every rank sees the same number
         total = distributed.sum_across(total, where) / where.world_size
-    norm = _clip_gradients(run.model, config.grad_clip)
+    norm = optim.clip_gradients(run.model, config.grad_clip)
     # One wait for the device per update: the loss and the norm come back together, and must,
     # before the optimizer step, so that a NaN stops training before it reaches the weights.
     loss_value, grad_norm = torch.stack([total.float(), norm.float()]).tolist()
@@ -634,19 +631,6 @@ def _update(run: _Run, data: Batches, step: int) -> tuple[float, float, float]:
         raise TrainingDiverged(step, "gradient norm", grad_norm, run.last_checkpoint, run.history)
     run.optimizer.step()
     return loss_value, grad_norm, lr
-
-
-def _clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """The global gradient norm before clipping (a 0-d tensor); clipped to max_norm unless that is 0.
-
-    Clipping caps the size of one update, so a single bad batch cannot throw the weights far;
-    the pre-clip norm is the early-warning signal (it climbs before a loss spike). Clipping a
-    non-finite norm spoils the gradients, but the caller stops before they are applied."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return norm
 
 
 def _record(history: dict[str, list], step: int, **values: float) -> None:
@@ -706,7 +690,8 @@ def _result(run: _Run, resumed_from: int | None, tokens_per_step: int, elapsed_s
     # Over the whole run, so that an invocation that resumes at the last step still reports the
     # speed the model was trained at (the first update of each invocation pays for start-up).
     timed = [seconds for _, seconds in history["step_s"]]
-    tokens_per_s = len(timed) * tokens_per_step / sum(timed) if sum(timed) > 0 else 0.0
+    trained_s = sum(timed)
+    tokens_per_s = len(timed) * tokens_per_step / trained_s if trained_s > 0 else 0.0
     diagnosis = diagnose(history["train_loss"], history["val_loss"])
     if run.config.progress and run.where.is_main:
         print(diagnosis.report())

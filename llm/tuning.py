@@ -1,37 +1,26 @@
 """What tuning a pretrained model shares, whatever the task (llm.classify, llm.finetune).
 
-Both tasks start from the pretrained weights and train for a few epochs with the same optimizer,
-schedule and gradient clipping, optionally through LoRA adapters, on a seeded run. Their configs
-declare their own fields (each lists every knob of its task in one place); `TuningKnobs` checks
-the knobs they have in common.
+Both tasks start from the pretrained weights and train for a few epochs with the same optimizer
+and schedule (gradient clipping is pretraining's, llm.optim), optionally through LoRA adapters,
+on a seeded run. Their configs declare their own fields (each lists every knob of its task in one
+place); `TuningKnobs` checks the knobs they have in common.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from llm.lora import LoraSettings
-from llm.plain import PlainDict
 from llm.optim import param_groups
+from llm.plain import Check, PlainDict
 from llm.train import DEVICES, resolve_device
-
-Check = Callable[[bool, str, Any, str], None]
 
 
 # --- config -------------------------------------------------------------------------------------
-
-def field_checker(owner: str) -> Check:
-    """check(ok, field, value, rule) raises 'Owner.field rule, got value' unless ok."""
-    def check(ok: bool, field_name: str, value: Any, rule: str) -> None:
-        if not ok:
-            raise ValueError(f"{owner}.{field_name} {rule}, got {value!r}")
-    return check
-
 
 class TuningKnobs(PlainDict):
     """Mixin for a tuning config dataclass with the fields lr, min_lr, warmup_steps, weight_decay,
@@ -83,18 +72,3 @@ def lr_at_step(step: int, total_steps: int, lr: float, min_lr: float, warmup_ste
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW over the trainable parameters only (frozen ones would just hold zero state)."""
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
-def clip_gradients(model: nn.Module, max_norm: float) -> float:
-    """The global gradient norm before clipping (clipped to max_norm unless it is 0)."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    if not params:
-        return 0.0
-    if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
