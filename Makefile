@@ -10,10 +10,10 @@ POOL   ?= llm-gpu
 CHROMIUM ?= /usr/bin/chromium
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup run test ui stop worker clean help
+.PHONY: setup run test ui stop worker clean help experiments experiment experiments-list
 
 help:            ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 setup: $(STAMP)  ## create .venv and install the project (skipped when nothing changed)
 
@@ -28,7 +28,8 @@ $(STAMP): pyproject.toml
 run: setup       ## run the whole pipeline (dvc repro) against a local Prefect server
 	$(PY) -m flows.pipeline
 
-test: setup $(CHROMIUM)  ## run the test suite
+test: setup $(CHROMIUM)  ## lint (ruff), then run the test suite
+	$(VENV)/bin/ruff check .
 	CHROMIUM=$(CHROMIUM) $(PY) -m pytest $(PYTEST_ARGS)
 
 $(CHROMIUM):
@@ -44,6 +45,16 @@ stop: setup      ## stop the UIs / local Prefect server started by `make run` or
 
 worker: setup    ## start a Prefect worker for the pool POOL (default llm-gpu) on this host
 	$(PY) -m flows.worker --pool $(POOL)
+
+experiments: setup  ## run every experiment of experiments.yaml; reports in data/experiments/index.html
+	$(PY) -m flows.experiments --all
+
+experiment: setup   ## run one experiment: make experiment NAME=clipping
+	@test -n "$(NAME)" || { echo "usage: make experiment NAME=<name> (make experiments-list shows them)"; exit 2; }
+	$(PY) -m flows.experiments $(NAME)
+
+experiments-list: setup  ## list the experiments with their runs and estimated time
+	$(PY) -m flows.experiments --list
 
 clean:           ## remove pipeline outputs and local tracking databases (keeps .venv)
 	rm -rf data/*/ mlflow.db mlruns .prefect dvc.lock .cache/downloads

@@ -6,25 +6,24 @@ twice: by transformers' AutoModelForCausalLM and by llm.hf.import_hf, so both si
 same weights, on the same device in the same dtype. The sides take turns (timings on a shared
 machine drift a lot) and the medians are reported as one JSON line:
 
-    {"bench": "decode", ..., "batch_1": {"ours_tokens_per_s": ..., "compiled_tokens_per_s": ...,
-     "hf_tokens_per_s": ..., "ratio": ..., "compiled_ratio": ...}, "batch_64": {...}}
+    {"bench": "decode", ..., "batch_1": {"ours_tokens_per_s": ..., "hf_tokens_per_s": ..., "ratio": ...},
+     "batch_64": {...}}
 
-Sides: "ours" is llm.generate.Decoder as the pipeline and tests use it; "compiled" is the same
-Decoder after .compile() (fixed shapes through torch.compile; on a GPU each step replays as one
-CUDA graph), on by default on CUDA (--compile / --no-compile); "hf" is transformers' generate
-with use_cache=True, greedy, and no end-of-sequence token, so every side produces exactly
---new-tokens tokens. ratio = ours / hf, compiled_ratio = compiled / hf.
+Sides: "ours" is llm.generate's Engine (the model's own forward pass with a KVCache, weights
+in their decoding layout) as the pipeline, the server and the tests use it; "hf" is
+transformers' generate with use_cache=True, greedy, and no end-of-sequence token, so every side
+produces exactly --new-tokens tokens. ratio = ours / hf.
 
 tokens/s counts generated tokens over the wall time of one whole generate call (prompt
 included; the call ends by reading the tokens back, so GPU work is finished). Loading and the
-first call of each side (compilation, CUDA graph recording, kernel autotuning) stay outside the
+first call of each side (kernel selection and autotuning, caches warming) stay outside the
 timing: "first_call_s" reports them. "tokens_match" says whether a side produced hf's tokens;
 in bfloat16 two correct implementations may part ways after a near-tie, so read it as a check
 on float32 runs.
 
-"matmul_only_tokens_per_s" times nothing but the weight matmuls of the same decoding run (our
-decoder's weights, random inputs): no decoder that reads these weights with these kernels and
-launches them one by one is faster, so it shows how much of a step is overhead.
+"matmul_only_tokens_per_s" times nothing but the weight matmuls of the same decoding run (the
+linear layers in their decoding layout, random inputs): no decoder that reads these weights with
+these kernels and launches them one by one is faster, so it shows how much of a step is overhead.
 
     .venv/bin/python bench/decode.py                           # CPU: tiny, batch 1 and 8, float32
     .venv/bin/python bench/decode.py --preset gpt2-124m --prompt-tokens 16 \\
@@ -54,15 +53,16 @@ import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from bench.report import context, emit  # noqa: E402
-from llm.generate import Decoder  # noqa: E402
+from llm.checkpoint import load_checkpoint  # noqa: E402
+from llm.device import resolve_device  # noqa: E402
+from llm.generate import Engine  # noqa: E402
 from llm.hf import export_hf, import_hf  # noqa: E402
-from llm.model import GPT, ModelConfig, load_checkpoint, num_params  # noqa: E402
-from llm.train import resolve_device  # noqa: E402
+from llm.model import GPT, ModelConfig, num_params  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", metavar="DIR", help="a checkpoint written by llm.model.save_checkpoint "
+    p.add_argument("--checkpoint", metavar="DIR", help="a checkpoint written by llm.checkpoint.save_checkpoint "
                    "(default: --preset with random weights)")
     p.add_argument("--preset", default="tiny", help="model preset when no --checkpoint (default: tiny)")
     p.add_argument("--new-tokens", type=int, default=256, help="tokens to generate per row (default: 256)")
@@ -74,8 +74,6 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="weights' dtype on both sides (default: bfloat16 on CUDA, float32 elsewhere)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="also time Decoder.compile() (default: on for CUDA, off elsewhere)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads for both sides (default: 1; 0 = torch's default). On a shared 2-core "
                         "machine two-thread kernels stall whenever the other core is busy, and rates swing 50x")
@@ -91,19 +89,19 @@ def build_model(args) -> GPT:
     return GPT(ModelConfig.from_preset(args.preset)).eval()
 
 
-def matmul_only(decoder: Decoder, batch: int, steps: int):
+def matmul_only(engine: Engine, batch: int, steps: int):
     """A decode run that does only the weight matmuls: `steps` times every linear layer and the
-    output layer, on random (batch, in) rows."""
-    weights = [w for layer in decoder.layers for w in (layer.qkv_w, layer.proj_w, layer.fc_w, layer.out_w)]
-    weights.append(decoder.lm_head)
-    rows = {w.shape[0]: torch.randn(batch, w.shape[0], dtype=w.dtype, device=w.device) for w in weights}
+    output layer, on random (batch, in) rows, through the layers' own decoding kernels."""
+    layers = [m for m in engine.model.modules() if hasattr(m, "packed")]   # the DecodingLinears
+    rows = {layer.weight.shape[1]: torch.randn(batch, layer.weight.shape[1], dtype=layer.weight.dtype,
+                                               device=layer.weight.device) for layer in layers}
 
     def run():
         with torch.inference_mode():
             for _ in range(steps):
-                for w in weights:
-                    torch.mm(rows[w.shape[0]], w)
-        if decoder.device.type == "cuda":
+                for layer in layers:
+                    layer(rows[layer.weight.shape[1]])
+        if engine.device.type == "cuda":
             torch.cuda.synchronize()
     return run
 
@@ -121,7 +119,6 @@ def main(argv=None) -> dict:
     device = resolve_device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    compiled = device.type == "cuda" if args.compile is None else args.compile
     batch_sizes = [int(b) for b in (args.batch_sizes or ("1,64" if device.type == "cuda" else "1,8")).split(",")]
     model = build_model(args)
     config = model.config
@@ -135,9 +132,7 @@ def main(argv=None) -> dict:
     # No end-of-sequence token: transformers must produce exactly new_tokens tokens, as we do.
     hf_model.generation_config.eos_token_id = None
     hf_model.generation_config.pad_token_id = 0
-    decoders = {"ours": Decoder(ours_model)}
-    if compiled:
-        decoders["compiled"] = Decoder(ours_model).compile()
+    decoders = {"ours": Engine(ours_model)}
 
     generator = torch.Generator().manual_seed(args.seed)
     report = {**context("decode", device, "bench/decode.py", argv),
@@ -147,10 +142,10 @@ def main(argv=None) -> dict:
               "transformers": transformers.__version__}
     for batch in batch_sizes:
         prompts = torch.randint(0, config.vocab_size, (batch, args.prompt_tokens), generator=generator).to(device)
-        runs = {side: (lambda d=decoder: [c.tokens for c in d.generate(prompts, args.new_tokens)])
+        runs = {side: (lambda d=decoder, prompts=prompts: [c.tokens for c in d.generate(prompts, args.new_tokens)])
                 for side, decoder in decoders.items()}
 
-        def run_hf():
+        def run_hf(prompts=prompts):
             with torch.inference_mode():
                 out = hf_model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
                                         use_cache=True, max_new_tokens=args.new_tokens)
@@ -168,8 +163,6 @@ def main(argv=None) -> dict:
         row = {f"{side}_tokens_per_s": round(rate[side], 1) for side in decoders}
         row["hf_tokens_per_s"] = round(rate["hf"], 1)
         row["ratio"] = round(rate["ours"] / rate["hf"], 2)
-        if compiled:
-            row["compiled_ratio"] = round(rate["compiled"] / rate["hf"], 2)
         row["matmul_only_tokens_per_s"] = round(rate["floor"], 1)
         row["first_call_s"] = {side: round(first[side][0], 3) for side in (*decoders, "hf")}
         row["tokens_match"] = {side: first[side][1] == hf_tokens for side in decoders}

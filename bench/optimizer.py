@@ -13,7 +13,7 @@ val_curve has every evaluation; train_s sums the updates' own times (evaluation 
 run it on an otherwise idle machine. Needs data/pack/tokens and data/tokenizer/model (`make run`
 or `dvc repro pack`).
 
-    .venv/bin/python bench/optimizer.py                        # the stage's 600 steps, ~20 min on 2 cores
+    .venv/bin/python bench/optimizer.py                        # the stage's 600 steps, twice: the long run
     .venv/bin/python bench/optimizer.py --steps 200 --out bench/results/cpu-optimizer.json
 """
 
@@ -32,12 +32,13 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.report import context, emit  # noqa: E402
-from llm.config import load_params  # noqa: E402
+from flows.params import load_params  # noqa: E402
 from llm.data import TokenDataset  # noqa: E402
+from llm.device import resolve_device  # noqa: E402
 from llm.model import GPT, num_params  # noqa: E402
 from llm.optim import OPTIMIZERS  # noqa: E402
 from llm.tokenizer import load_tokenizer  # noqa: E402
-from llm.train import resolve_device, train  # noqa: E402
+from llm.train import train  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -43,7 +43,6 @@ from llm import data  # noqa: E402
 from llm.sources import iter_documents  # noqa: E402
 from llm.tokenizer import ENDOFTEXT, load_tokenizer, train_sentencepiece  # noqa: E402
 
-
 # --- text -------------------------------------------------------------------------------------------
 
 def corpus_texts(sources_dir: Path, role: str) -> list[str]:

@@ -45,8 +45,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from llm.data import IGNORE_INDEX, Rows, pack_examples, pad_examples  # noqa: E402
-from llm.model import GPT, ModelConfig, num_params  # noqa: E402
+from llm.data import Rows, pack_examples, pad_examples  # noqa: E402
+from llm.model import GPT, IGNORE_INDEX, ModelConfig, num_params  # noqa: E402
 
 MIN_TOKENS = 20
 

@@ -11,7 +11,7 @@ pretrain stage uses, and prints one JSON line:
 tokens_per_s: the median over the updates after --warmup of the loop's own per-update figure
 (what on_step reports: tokens of the update / its wall time, which ends with the update's one
 wait for the device). mfu: tokens_per_s * llm.model.flops_per_token (6N + attention) / the GPU's
-dense bf16 peak from llm.train.PEAK_BF16_FLOPS; null, with a note, on a CPU or a GPU that table
+dense bf16 peak from llm.device.PEAK_BF16_FLOPS; null, with a note, on a CPU or a GPU that table
 does not know. peak_memory_gb: torch.cuda.max_memory_allocated on a GPU, the process's peak RSS
 on a CPU. compile_s: the first update's time minus the median update's (compilation, autotuning
 and CUDA start-up), with --compile. --out FILE also saves the JSON (bench/results/ keeps them).
@@ -40,10 +40,9 @@ import torch  # noqa: E402
 
 from bench.report import context, device_name, emit  # noqa: E402
 from llm.data import TokenDataset, read_meta  # noqa: E402
-from llm.model import GPT, ModelConfig, PRESETS, flops_per_token, num_params  # noqa: E402
-from llm.train import (  # noqa: E402
-    TrainConfig, accumulation_steps, model_flops_utilisation, peak_flops, resolve_device, resolve_dtype, train,
-)
+from llm.device import model_flops_utilisation, peak_flops, resolve_device, resolve_dtype  # noqa: E402
+from llm.model import GPT, PRESETS, ModelConfig, flops_per_token, num_params  # noqa: E402
+from llm.train import TrainConfig, accumulation_steps, train  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -141,7 +140,7 @@ def main(argv=None) -> dict:
     if device.type != "cuda":
         note = f"MFU is computed for CUDA GPUs only (this ran on {device.type})"
     elif peak is None:
-        note = (f"no dense bf16 peak known for {device_name(device)!r} (llm.train.PEAK_BF16_FLOPS): "
+        note = (f"no dense bf16 peak known for {device_name(device)!r} (llm.device.PEAK_BF16_FLOPS): "
                 "MFU not computed rather than guessed")
 
     report = {

@@ -60,9 +60,9 @@ def free_port() -> int:
 def random_model(folder: Path, preset: str) -> Path:
     import torch
 
+    from llm.checkpoint import save_model_dir
     from llm.model import GPT, ModelConfig
     from llm.tokenizer import train_char
-    from serving.loading import save_model_dir
 
     text = (ROOT / "README.md").read_text()
     tokenizer = train_char([text], progress=False)

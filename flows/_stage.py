@@ -30,13 +30,32 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.context import get_run_context
 
 from flows.environment import mlflow_tracking_uri, mlflow_ui_url
+from flows.params import ConfigError, Params, load_params
 from flows.remote import RemoteRunFailed, run_on_pool
 from flows.run_id import PIPELINE_RUN_ENV, pipeline_run_id
-from llm.config import ConfigError, Params, flatten, load_params
 from llm.files import write_json
 
 PIPELINE_TAG = "llm.pipeline_run_id"
 STAGE_TAG = "llm.stage"
+
+
+# --- where stages write (the outs of dvc.yaml), named once --------------------------------------
+
+DATA = Path("data")
+
+
+def stage_dir(name: str) -> Path:
+    """data/<stage>: a stage's outputs, its metrics.json among them."""
+    return DATA / name
+
+
+SOURCES = stage_dir("download") / "sources"          # one folder per source: documents.jsonl or files/
+TOKENIZER = stage_dir("tokenizer") / "model"         # the project's tokenizer (llm.tokenizer)
+TOKENS = stage_dir("pack") / "tokens"                # train/val token arrays and meta (llm.data)
+BASE_MODEL = stage_dir("pretrain") / "model"         # model folders (llm.checkpoint.save_model_dir)
+CLASSIFIER_MODEL = stage_dir("classify") / "model"   # (llm.classify.Classifier.save)
+INSTRUCT_MODEL = stage_dir("instruct") / "model"
+RESPONSES = stage_dir("instruct") / "responses.jsonl"  # test instructions answered by base and tuned model
 
 
 # --- provenance ---------------------------------------------------------------------------------
@@ -82,7 +101,7 @@ class Stage:
         self.params = params
         self.run = run
         self.pipeline_id = pipeline_id
-        self.out_dir = Path("data") / name
+        self.out_dir = stage_dir(name)
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -120,7 +139,8 @@ class Stage:
     def finish(self, metrics: dict[str, Any], summary: str) -> dict[str, Any]:
         """Write metrics.json, log its numbers to MLflow, publish the Prefect artifact."""
         write_json(self.out_dir / "metrics.json", metrics)
-        numbers = {k: v for k, v in flatten_dict(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        numbers = {k: v for k, v in flatten(metrics, lists=False).items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
         self.log_metrics(numbers)
         markdown = (f"# {self.name}\n\n{summary}\n\nMLflow run: [{self.run.info.run_id}]({self.mlflow_url})  \n"
                     f"Pipeline run: `{self.pipeline_id}`\n")
@@ -133,14 +153,23 @@ def metric_name(key: str) -> str:
     return re.sub(r"[^\w\-. :/]", "_", key)
 
 
-def flatten_dict(data: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(data: dict, prefix: str = "", *, lists: bool = True) -> dict[str, Any]:
+    """Dotted key -> leaf value, for logging nested params or metrics to MLflow:
+    {"a": {"b": 1, "c": [2, 3]}} -> {"a.b": 1, "a.c.0": 2, "a.c.1": 3}; with lists=False a list
+    stays one value ({"a.b": 1, "a.c": [2, 3]})."""
     flat: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
+
+    def walk(value: Any, key: str) -> None:
         if isinstance(value, dict):
-            flat.update(flatten_dict(value, name))
+            for k, v in value.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif lists and isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{key}.{i}")
         else:
-            flat[name] = value
+            flat[key] = value
+
+    walk(data, prefix)
     return flat
 
 
@@ -152,12 +181,14 @@ def stage_run(name: str, params: Params, system_metrics: bool = False) -> Iterat
     experiment_id = _experiment_id(client, params.project.experiment)
     pipeline_id = pipeline_run_id()
     run_tags = {STAGE_TAG: name, PIPELINE_TAG: pipeline_id, "mlflow.source.git.commit": git_commit()}
+    if os.environ.get("DVC_EXP_NAME"):  # run by `dvc exp run` (flows/experiments.py finds its runs by it)
+        run_tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
     with contextlib.suppress(Exception):  # outside a flow run (a unit test), there is no id to record
         run_tags["prefect.flow_run_id"] = str(get_run_context().flow_run.id)
     parent = _parent_run_id(client, experiment_id, pipeline_id)
     with mlflow.start_run(experiment_id=experiment_id, run_name=name, parent_run_id=parent, nested=True,
                           tags=run_tags, log_system_metrics=system_metrics) as run:
-        mlflow.log_params({**flatten(params.project, "project"), **_section_params(params, name)})
+        mlflow.log_params({**flatten(params.project.model_dump(mode="json"), "project"), **_section_params(params, name)})
         yield Stage(name, params, run, pipeline_id)
 
 
@@ -165,7 +196,7 @@ def _section_params(params: Params, name: str) -> dict[str, Any]:
     section = getattr(params, name, None)
     if section is None:
         return {}
-    flat = flatten(section, name)
+    flat = flatten(section.model_dump(mode="json"), name)
     # MLflow caps a param value at 6000 characters; long lists are better read in params.yaml.
     return {k: (str(v)[:500] if v is not None else "") for k, v in flat.items()}
 

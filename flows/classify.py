@@ -16,18 +16,15 @@ import torch
 from prefect import flow, task
 from prefect.logging import get_run_logger
 
-from flows._stage import StageError, as_params, main, stage_run
-from llm.classify import (LabeledTexts, labeled_texts, majority_baseline, stratified_split,
-                          train_classifier)
-from llm.config import Params
+from flows._stage import BASE_MODEL, CLASSIFIER_MODEL, SOURCES, StageError, as_params, main, stage_dir, stage_run
+from flows.params import Params
+from llm.checkpoint import load_checkpoint, load_model_dir
+from llm.classify import LabeledTexts, labeled_texts, majority_baseline, stratified_split, train_classifier
 from llm.files import atomic_dir
-from llm.model import GPT, load_checkpoint
+from llm.model import GPT
 from llm.sources import iter_documents
-from llm.tokenizer import load_tokenizer
 
-SOURCES = Path("data/download/sources")
-BASE = Path("data/pretrain/model")
-OUT = Path("data/classify")
+OUT = stage_dir("classify")
 
 
 @task
@@ -78,17 +75,19 @@ def classify_flow(params: Params) -> dict:
         train, val, test = stratified_split(data, config.val_fraction, config.test_fraction, config.seed)
     except ValueError as err:
         raise StageError(str(err)) from err
-    tokenizer = load_tokenizer(BASE / "tokenizer")
+    base_model, tokenizer = load_model_dir(BASE_MODEL)
     log.info(f"{len(train)} train / {len(val)} val / {len(test)} test texts; skipped: "
              f"{ {k: v for k, v in report.items() if k not in ('records', 'used') and v} }")
 
     with stage_run("classify", params) as stage:
-        pretrained = tune("pretrained", load_checkpoint(BASE), tokenizer, train, val, config, stage)
+        pretrained = tune("pretrained", base_model, tokenizer, train, val, config, stage)
         test_metrics = pretrained.classifier.evaluate(test, config.positive_label)
         results = {"pretrained": summary_numbers(test_metrics)}
         if p.from_scratch:
             torch.manual_seed(config.seed)  # reproducible random weights
-            scratch_model = GPT(load_checkpoint(BASE).config)  # same architecture, random weights
+            # Same architecture, random weights. Loading the base model first draws from the seeded
+            # generator too (GPT() initialises weights); kept so the random weights stay the same.
+            scratch_model = GPT(load_checkpoint(BASE_MODEL).config)
             scratch = tune("from_scratch", scratch_model, tokenizer, train, val, config, stage)
             results["from_scratch"] = summary_numbers(scratch.classifier.evaluate(test, config.positive_label))
         majority = majority_baseline(train.labels, test.labels, label_names=list(config.labels),
@@ -98,9 +97,9 @@ def classify_flow(params: Params) -> dict:
         write_predictions(pretrained.classifier, test, OUT / "predictions.csv")
         confusion_png(test_metrics["confusion_matrix"], list(config.labels), OUT / "confusion.png",
                       f"test accuracy {test_metrics['accuracy']:.2%}")
-        with atomic_dir(OUT / "model") as tmp:
+        with atomic_dir(CLASSIFIER_MODEL) as tmp:
             pretrained.classifier.save(tmp)
-        version = stage.log_model(OUT / "model", f"{params.project.name}-classifier" if p.register_model else None)
+        version = stage.log_model(CLASSIFIER_MODEL, f"{params.project.name}-classifier" if p.register_model else None)
         stage.log_artifact(OUT / "confusion.png")
 
         metrics = {

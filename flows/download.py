@@ -11,12 +11,10 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.logging import get_run_logger
 
-from flows._stage import StageError, as_params, main, stage_run
+from flows._stage import SOURCES, StageError, as_params, main, stage_run
+from flows.params import Params
 from llm import sources
-from llm.config import Params, Source
 from llm.files import atomic_dir, write_json
-
-OUT = Path("data/download/sources")
 
 
 def _transient(task, task_run, state) -> bool:
@@ -31,14 +29,14 @@ def _transient(task, task_run, state) -> bool:
 
 
 @task(retry_condition_fn=_transient, retry_delay_seconds=2)
-def fetch(source: Source, cache_dir: str, timeout_s: float) -> Path | None:
+def fetch(source: sources.Source, cache_dir: str, timeout_s: float) -> Path | None:
     if sources.scheme_of(source) == "hf":
         return None  # datasets fetches and caches by itself
     return sources.fetch(source, cache_dir, timeout_s)
 
 
 @task
-def materialise(source: Source, path: Path | None, out_dir: Path) -> dict:
+def materialise(source: sources.Source, path: Path | None, out_dir: Path) -> dict:
     manifest = sources.materialise(source, path, out_dir)
     write_json(out_dir / "manifest.json", manifest)
     return manifest
@@ -52,8 +50,8 @@ def download_flow(params: Params) -> dict:
     with stage_run("download", params) as stage:
         manifests = []
         try:
-            with atomic_dir(OUT) as tmp:
-                for source in p.sources:
+            with atomic_dir(SOURCES) as tmp:
+                for source in (entry.build() for entry in p.sources):
                     path = fetch.with_options(retries=p.retries)(source, p.cache_dir, p.timeout_s)
                     manifest = materialise(source, path, tmp / source.name)
                     log.info(f"{source.name}: {manifest['documents']} records, {manifest['characters']:,} characters"
@@ -62,7 +60,7 @@ def download_flow(params: Params) -> dict:
         except sources.SourceError as err:
             raise StageError(str(err)) from err
         for manifest in manifests:
-            stage.log_artifact(OUT / manifest["name"] / "manifest.json", f"manifests/{manifest['name']}")
+            stage.log_artifact(SOURCES / manifest["name"] / "manifest.json", f"manifests/{manifest['name']}")
         metrics = {
             "sources": len(manifests),
             "documents": sum(m["documents"] for m in manifests),

@@ -19,7 +19,7 @@ QUIET_AND_OFFLINE = {
     "HF_DATASETS_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "GIT_PYTHON_REFRESH": "quiet",
-    # a cold ephemeral Prefect API takes ~20 s on a slow laptop; the default 20 s is too tight
+    # a cold ephemeral Prefect API (database migrations) can take longer than the default 20 s to start
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
 }
 

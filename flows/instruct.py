@@ -17,31 +17,38 @@ from prefect import flow, task
 from prefect.logging import get_run_logger
 from tqdm import tqdm
 
-from flows._stage import StageError, as_params, main, stage_run
+from flows._stage import (
+    BASE_MODEL,
+    INSTRUCT_MODEL,
+    RESPONSES,
+    SOURCES,
+    StageError,
+    as_params,
+    main,
+    stage_dir,
+    stage_run,
+)
+from flows.params import Params
 from llm.chat import alpaca_messages, encode_prompt, stop_token_ids
-from llm.config import Params
+from llm.checkpoint import load_checkpoint, load_model_dir, save_model_dir
 from llm.files import atomic_dir, atomic_file
 from llm.finetune import finetune, split_records
-from llm.generate import Decoder
-from llm.model import load_checkpoint, save_checkpoint
+from llm.generate import Engine
 from llm.sources import iter_documents
-from llm.tokenizer import load_tokenizer
 
-SOURCES = Path("data/download/sources")
-BASE = Path("data/pretrain/model")
-OUT = Path("data/instruct")
+OUT = stage_dir("instruct")
 
 
 @task
 def answer(model, tokenizer, records: list[dict], max_new_tokens: int, temperature: float, seed: int,
            batch_size: int, label: str) -> list[str]:
     """The model's answer to each record's instruction (and input), in batches."""
-    decoder = Decoder(model.eval())
+    engine = Engine(model)  # the weights laid out for decoding once, for every batch
     answers = []
     for start in tqdm(range(0, len(records), batch_size), desc=f"answering ({label})", unit="batch"):
         batch = records[start:start + batch_size]
         prompts = [encode_prompt(tokenizer, alpaca_messages(r["instruction"], r.get("input") or "")) for r in batch]
-        completions = decoder.generate(prompts, max_new_tokens, temperature=temperature, seed=seed + start,
+        completions = engine.generate(prompts, max_new_tokens, temperature=temperature, seed=seed + start,
                                        stop_token_ids=stop_token_ids(tokenizer), truncate_prompt=True)
         answers += [tokenizer.decode(c.tokens).strip() for c in completions]
     return answers
@@ -63,7 +70,7 @@ def instruct_flow(params: Params) -> dict:
         raise StageError("no instruction data: the download stage has no source with role 'instruct'")
     train, val, test = split_records(records, p.val_fraction, p.test_fraction, config.seed)
     test = [r for r in test if usable(r)][: p.max_test_items]
-    tokenizer = load_tokenizer(BASE / "tokenizer")
+    base_model, tokenizer = load_model_dir(BASE_MODEL)
 
     with stage_run("instruct", params) as stage:
         curve = []
@@ -76,33 +83,32 @@ def instruct_flow(params: Params) -> dict:
             stage.log_metrics({"val_loss": m["val_loss"]}, step=step)
 
         try:
-            result = finetune(load_checkpoint(BASE), tokenizer, train, val, config, on_step=on_step, on_eval=on_eval)
+            result = finetune(base_model, tokenizer, train, val, config, on_step=on_step, on_eval=on_eval)
         except ValueError as err:
             raise StageError(str(err)) from err
-        with atomic_dir(OUT / "model") as tmp:
-            save_checkpoint(result.model, tmp)
-            (tmp / "tokenizer").mkdir()
-            tokenizer.save(tmp / "tokenizer")
-        version = stage.log_model(OUT / "model", f"{params.project.name}-instruct" if p.register_model else None)
+        with atomic_dir(INSTRUCT_MODEL) as tmp:
+            save_model_dir(result.model, tokenizer, tmp)
+        version = stage.log_model(INSTRUCT_MODEL, f"{params.project.name}-instruct" if p.register_model else None)
         write_curve(result.history, OUT / "curves" / "loss.csv")
 
         decoding = dict(max_new_tokens=p.max_new_tokens, temperature=p.temperature, seed=config.seed,
                         batch_size=p.generate_batch_size)
-        base_answers = answer(load_checkpoint(BASE), tokenizer, test, label="base", **decoding)
+        base_answers = answer(load_checkpoint(BASE_MODEL), tokenizer, test, label="base", **decoding)
         tuned_answers = answer(result.model, tokenizer, test, label="tuned", **decoding)
-        with atomic_file(OUT / "responses.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as out:
+        with atomic_file(RESPONSES) as tmp, open(tmp, "w", encoding="utf-8") as out:
             for record, base, tuned in zip(test, base_answers, tuned_answers):
                 out.write(json.dumps({"instruction": record["instruction"], "input": record.get("input", ""),
                                       "reference": record["output"], "base_response": base,
                                       "tuned_response": tuned}, ensure_ascii=False) + "\n")
-        stage.log_artifact(OUT / "responses.jsonl")
+        stage.log_artifact(RESPONSES)
 
         metrics = {**{k: v for k, v in result.metrics().items() if v is not None},
                    "test_items": len(test), "registered_version": int(version or 0),
                    "records": result.train_records.as_dict()}
         log.info(f"val loss {metrics.get('val_loss_before', float('nan')):.3f} -> {result.val_loss or float('nan'):.3f}; "
                  f"{len(test)} test answers written")
-        example = f"\n\n**{test[0]['instruction']}**\n\n- base: {base_answers[0]!r}\n- tuned: {tuned_answers[0]!r}" if test else ""
+        example = (f"\n\n**{test[0]['instruction']}**\n\n- base: {base_answers[0]!r}\n- tuned: {tuned_answers[0]!r}"
+                   if test else "")
         summary = (f"{config.method} tuning, {result.steps} steps, loss on {config.loss_on} tokens, "
                    f"{config.layout} rows (padding waste packed {result.layout_packed.padding_waste:.1%} vs "
                    f"padded {result.layout_padded.padding_waste:.1%}).\n\n"

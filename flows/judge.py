@@ -16,22 +16,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 
 from prefect import flow, task
 from prefect.logging import get_run_logger
 from tqdm import tqdm
 
-from flows._stage import StageError, as_params, main, stage_run
-from llm.config import Params
-from llm.judge import (Judge, JudgeConfig, JudgeError, calibration, mean_interval, mismatched, win_rate)
+from flows._stage import RESPONSES, SOURCES, StageError, as_params, main, stage_dir, stage_run
+from flows.params import Params
+from llm.judge import Judge, JudgeConfig, JudgeError, calibration, mean_interval, mismatched, win_rate
 from llm.judge_server import LOCAL_MODEL_NAME, JudgeServerError, ensure_gguf, local_judge
 from llm.sources import downloaded
 
-SOURCES = Path("data/download/sources")
-RESPONSES = Path("data/instruct/responses.jsonl")
-OUT = Path("data/judge")
+OUT = stage_dir("judge")
 CACHE = Path(".cache/judge")
 
 

@@ -15,16 +15,12 @@ from prefect import flow, task
 from prefect.logging import get_run_logger
 from tqdm import tqdm
 
-from flows._stage import StageError, as_params, main, stage_run
+from flows._stage import SOURCES, TOKENIZER, TOKENS, StageError, as_params, main, stage_run
+from flows.params import Params
 from llm import data
-from llm.config import Params
 from llm.files import atomic_dir
 from llm.sources import iter_documents
 from llm.tokenizer import ENDOFTEXT, load_tokenizer
-
-SOURCES = Path("data/download/sources")
-TOKENIZER = Path("data/tokenizer/model")
-OUT = Path("data/pack/tokens")
 
 
 def split_by_document(texts: list[str], val_fraction: float, seed: int) -> dict[str, list[str]]:
@@ -75,7 +71,7 @@ def pack_flow(params: Params) -> dict:
                              f"{p.min_chars} characters (download stage, role 'pretrain')")
         splits = split_by_document(kept, p.val_fraction, params.project.seed)
         metrics: dict = {"dropped_short_documents": len(texts) - len(kept)}
-        with atomic_dir(OUT) as tmp:
+        with atomic_dir(TOKENS) as tmp:
             for name, split_texts in splits.items():
                 metrics[name] = encode_split(name, split_texts, tmp, p.workers)
                 log.info(f"{name}: {metrics[name]['documents']} documents -> {metrics[name]['tokens']:,} tokens "

@@ -2,7 +2,7 @@
 
 Runs `dvc repro` (so only stages whose inputs changed run again) as one Prefect flow run, against a
 local Prefect server that is started if none answers: every stage then appears in the Prefect UI
-at once and skips the ~10 s an ephemeral API costs per stage. All stages share one pipeline-run id,
+at once and skips starting an ephemeral API for each stage. All stages share one pipeline-run id,
 which tags their Prefect flow runs and groups their MLflow runs under one parent run.
 """
 

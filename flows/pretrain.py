@@ -32,22 +32,20 @@ from pathlib import Path
 import torch
 from prefect import flow
 from prefect.logging import get_run_logger
-from safetensors.torch import load_model
 
-from flows._stage import StageError, as_params, metric_name, main, stage_run
+from flows._stage import BASE_MODEL, TOKENIZER, TOKENS, StageError, as_params, main, metric_name, stage_dir, stage_run
+from flows.params import Params
 from llm import distributed
-from llm.checkpoint import CheckpointMismatch
-from llm.config import Params
+from llm.checkpoint import WEIGHTS_FILE, CheckpointMismatch, load_weights, save_model_dir
 from llm.data import TokenDataset, unigram_loss
 from llm.files import atomic_dir
 from llm.generate import generate
-from llm.model import GPT, WEIGHTS_FILE, ModelConfig, num_params, save_checkpoint
+from llm.model import GPT, ModelConfig, num_params
+from llm.step import TrainingDiverged
 from llm.tokenizer import load_tokenizer
-from llm.train import TrainConfig, TrainingDiverged, TrainResult, global_tokens_per_step, perplexity, train
+from llm.train import TrainConfig, TrainResult, global_tokens_per_step, perplexity, train
 
-TOKENIZER = Path("data/tokenizer/model")
-TOKENS = Path("data/pack/tokens")
-OUT = Path("data/pretrain")
+OUT = stage_dir("pretrain")
 DDP_RANK = "--ddp-rank"                   # argv of the torchrun processes of a multi-device run
 FORCE_TORCHRUN_ENV = "LLM_PRETRAIN_TORCHRUN"
 
@@ -175,13 +173,12 @@ def pretrain_flow(params: Params) -> dict:
                 curves.close()
         rewrite_curves(OUT / "curves", result.history, tokens_per_step)
 
-        with atomic_dir(OUT / "model") as tmp:
-            save_checkpoint(model, tmp)
-            shutil.copytree(TOKENIZER, tmp / "tokenizer")
+        with atomic_dir(BASE_MODEL) as tmp:
+            save_model_dir(model, tokenizer, tmp)  # the tokenizer as the tokenizer stage saved it
         for stale in (OUT / "checkpoints").iterdir():
             if stale.name != key:  # checkpoints of settings no longer in params
                 shutil.rmtree(stale)
-        version = stage.log_model(OUT / "model", f"{params.project.name}-base" if p.register_model else None)
+        version = stage.log_model(BASE_MODEL, f"{params.project.name}-base" if p.register_model else None)
         for path in (OUT / "curves" / "train.csv", OUT / "curves" / "val.csv"):
             stage.log_artifact(path, "curves")
 
@@ -246,7 +243,7 @@ def train_with_torchrun(devices: int, model: GPT, train_config: TrainConfig, che
     if status != 0 or outcome is None:
         raise StageError(f"torchrun exited with status {status}; the processes' output is above")
     result = TrainResult.from_dict(outcome)
-    load_model(model, str(result.checkpoint / WEIGHTS_FILE), strict=True)
+    load_weights(model, result.checkpoint / WEIGHTS_FILE)
     log.info(f"trained in {devices} process(es): {result.tokens_per_s:,.0f} tokens/s")
     return result
 

@@ -17,14 +17,13 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.logging import get_run_logger
 
-from flows._stage import StageError, as_params, main, stage_run
+from flows._stage import SOURCES, TOKENIZER, StageError, as_params, main, stage_dir, stage_run
+from flows.params import Params
 from llm import tokenizer as tok
-from llm.config import Params
 from llm.files import atomic_dir
 from llm.sources import downloaded, iter_documents
 
-SOURCES = Path("data/download/sources")
-OUT = Path("data/tokenizer")
+OUT = stage_dir("tokenizer")
 REFERENCE_LANGUAGE = "en"
 
 
@@ -134,7 +133,7 @@ def tokenizer_flow(params: Params) -> dict:
             project = train_tokenizer(p.kind, train_texts, p.vocab_size, params)
         except ValueError as err:
             raise StageError(str(err)) from err
-        with atomic_dir(OUT / "model") as tmp:
+        with atomic_dir(TOKENIZER) as tmp:
             project.save(tmp)
         log.info(f"{p.kind} tokenizer: vocab {project.vocab_size}, fingerprint {project.fingerprint()[:12]}")
         metrics = {"kind": p.kind, "vocab_size": project.vocab_size, "train_documents": len(train_texts),

@@ -1,9 +1,16 @@
-"""Training checkpoints: everything a killed run needs to continue as if it had never stopped.
+"""Model folders and training checkpoints: what a trained model is on disk, and everything a killed
+run needs to continue as if it had never stopped.
 
-One checkpoint is one folder, `<out_dir>/checkpoints/step_0000040/`, named by the number of
-optimizer updates done:
+A model folder is what the stages write, log to MLflow and serve (save_model_dir, load_model_dir):
 
     model.safetensors   the weights (safetensors: tensors only, nothing executes on load)
+    config.json         the model config (llm.model.ModelConfig)
+    tokenizer/          the tokenizer (llm.tokenizer.Tokenizer.save)
+
+A training checkpoint is one folder,  is one folder, `<out_dir>/checkpoints/step_0000040/`, named by the number of
+optimizer updates done:
+
+    model.safetensors   the weights, as in a model folder (save_checkpoint)
     config.json         the model config; a different model is refused on resume
     train_state.pt      optimizer state, step, RNG states and the metric history,
                         read back with torch.load(weights_only=True): plain data only
@@ -33,10 +40,16 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
-from safetensors.torch import load_model
+from safetensors.torch import load_model, save_model
 
 from llm.files import atomic_dir
-from llm.model import CONFIG_FILE, WEIGHTS_FILE, save_checkpoint
+from llm.model import GPT, ModelConfig
+from llm.tokenizer import META_FILE as TOKENIZER_META_FILE
+from llm.tokenizer import Tokenizer, load_tokenizer
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_DIR = "tokenizer"
 
 STATE_FILE = "train_state.pt"
 TRAIN_CONFIG_FILE = "train_config.json"
@@ -45,7 +58,8 @@ _NAME = re.compile(r"^step_(\d+)$")
 
 
 class CheckpointMismatch(ValueError):
-    """A checkpoint was written by a different model or training setup than the one resuming it."""
+    """A checkpoint was written by a different model or training setup than the one resuming it,
+    or a model folder's tokenizer does not fit its weights."""
 
 
 @dataclass
@@ -57,6 +71,84 @@ class TrainingState:
     rng: dict[str, Any]            # capture_rng_state() of rank 0 (the only one with one process)
     history: dict[str, list]       # metric curves, e.g. {"train_loss": [(step, value), ...]}
     rng_per_rank: list[dict[str, Any]] | None = None   # every rank's, when several processes wrote it
+
+
+# --- the model folder ---------------------------------------------------------------------------
+
+def save_checkpoint(model: GPT, directory: str | Path) -> Path:
+    """Write model.safetensors and config.json into `directory` (created if missing)."""
+    return _save_weights_and_config(model, Path(directory), WEIGHTS_FILE, CONFIG_FILE, model.config.to_dict())
+
+
+def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> GPT:
+    """Read a checkpoint written by save_checkpoint. Safetensors holds only tensors, so loading
+    never runs pickled code."""
+    directory = Path(directory)
+    model = GPT(read_config(directory))
+    load_weights(model, directory / WEIGHTS_FILE, map_location)
+    return model.to(map_location)
+
+
+def read_config(folder: str | Path) -> ModelConfig:
+    """The architecture of a model folder or checkpoint alone, without loading weights."""
+    return ModelConfig.from_dict(json.loads((Path(folder) / CONFIG_FILE).read_text()))
+
+
+def load_weights(model: torch.nn.Module, path: Path, device: str | torch.device = "cpu") -> None:
+    """Load a safetensors file into `model` in place; every tensor must match, none be missing."""
+    load_model(model, str(path), strict=True, device=str(device))
+
+
+def save_model_dir(model: torch.nn.Module, tokenizer: Tokenizer, folder: str | Path, *,
+                   weights_file: str = WEIGHTS_FILE, config_file: str = CONFIG_FILE,
+                   config: dict[str, Any] | None = None) -> Path:
+    """Write a model folder: the weights, the config (the model's own, or `config`) and tokenizer/.
+
+    A model that is not a plain GPT (a classifier) names its own files and config:
+    Classifier.save writes classifier.safetensors and classifier.json this way.
+    """
+    folder = Path(folder)
+    _save_weights_and_config(model, folder, weights_file, config_file,
+                             model.config.to_dict() if config is None else config)
+    tokenizer.save(folder / TOKENIZER_DIR)
+    return folder
+
+
+def load_model_dir(folder: str | Path, device: str | torch.device = "cpu", *, model: torch.nn.Module | None = None,
+                   weights_file: str = WEIGHTS_FILE) -> tuple[GPT, Tokenizer]:
+    """The model (on `device`, in the mode it was built in) and the tokenizer of a model folder.
+
+    The model is built from config.json, unless `model` is given (built by the caller from its
+    own config) to load the weights into. A tokenizer with more ids than the model has
+    embeddings is refused: the two do not belong together.
+    """
+    folder = Path(folder)
+    if model is None:
+        model = load_checkpoint(folder, device)
+    else:
+        load_weights(model, folder / weights_file, device)
+        model = model.to(device)
+    tokenizer = load_tokenizer(folder / TOKENIZER_DIR)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise CheckpointMismatch(f"{folder}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
+                                 f"{model.config.vocab_size} embeddings; they do not belong together")
+    return model, tokenizer
+
+
+def missing_model_files(folder: str | Path) -> list[Path]:
+    """The files a model folder must hold that `folder` lacks (none: it is one)."""
+    folder = Path(folder)
+    needed = [folder / WEIGHTS_FILE, folder / CONFIG_FILE, folder / TOKENIZER_DIR / TOKENIZER_META_FILE]
+    return [p for p in needed if not p.is_file()]
+
+
+def _save_weights_and_config(model: torch.nn.Module, folder: Path, weights_file: str, config_file: str,
+                             config: dict[str, Any]) -> Path:
+    # save_model (not save_file) because it handles the tied embedding / output weight.
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(folder / weights_file))
+    (folder / config_file).write_text(json.dumps(config, indent=2) + "\n")
+    return folder
 
 
 # --- naming and finding checkpoints --------------------------------------------------------------
@@ -207,7 +299,7 @@ def load_training_checkpoint(path: str | Path, model: torch.nn.Module,
     path = Path(path)
     check_model_config(path, model.config.to_dict())
     device = next(model.parameters()).device
-    load_model(model, str(path / WEIGHTS_FILE), strict=True, device=str(device))
+    load_weights(model, path / WEIGHTS_FILE, device)
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     if optimizer is not None:
         load_optimizer_state(optimizer, state["optimizer"])

@@ -36,16 +36,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
+from llm.checkpoint import load_model_dir, save_model_dir
 from llm.finetune import pad_token_id
 from llm.lora import DEFAULT_TARGETS, LoraSettings, add_lora, count_parameters, is_lora, merge_lora
 from llm.model import GPT, ModelConfig
-from llm.tokenizer import ENDOFTEXT, Tokenizer, load_tokenizer
-from llm.optim import clip_gradients, set_lr
+from llm.optim import plain_adamw
 from llm.plain import field_checker
-from llm.tuning import TuningKnobs, lr_at_step, make_optimizer, prepare_run
+from llm.step import StepResult, lr_schedule, record_history, train_step
+from llm.tokenizer import ENDOFTEXT, Tokenizer
+from llm.tuning import TuningKnobs, prepare_run
 
 POOLINGS = ("last", "mean")
 TRAIN_MODES = ("head", "last_blocks", "all", "lora")
@@ -54,7 +55,6 @@ UNKNOWN_LABELS = ("error", "skip")
 FORMAT = "llm-classifier/1"
 WEIGHTS_FILE = "classifier.safetensors"
 META_FILE = "classifier.json"
-TOKENIZER_DIR = "tokenizer"
 
 Callback = Callable[[int, dict], None]
 
@@ -76,7 +76,7 @@ class ClassifyConfig(TuningKnobs):
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
     max_length: int = 128            # tokens per text, boundary token included; longer texts are cut
     batch_size: int = 32
-    epochs: int = 3                  # SMS spam, tiny model, 'all': ~30 s an epoch on one CPU core
+    epochs: int = 3                  # passes over the training data (at most: early stopping may end sooner)
     lr: float = 5e-4
     min_lr: float = 5e-5
     warmup_steps: int = 20
@@ -362,15 +362,12 @@ class Classifier:
         return {**metrics, "loss": loss, "truncated": truncated}
 
     def save(self, directory: str | Path) -> Path:
-        """model weights (safetensors), classifier.json (labels, pooling, base config) and the tokenizer."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_model(self.model, str(directory / WEIGHTS_FILE))
+        """A model folder (llm.checkpoint.save_model_dir) with the classifier's own files: weights in
+        classifier.safetensors, classifier.json (labels, pooling, base config), and the tokenizer."""
         meta = {"format": FORMAT, "labels": self.labels, "pooling": self.pooling, "max_length": self.max_length,
                 "base_config": self.model.config.to_dict()}
-        (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        self.tokenizer.save(directory / TOKENIZER_DIR)
-        return directory
+        return save_model_dir(self.model, self.tokenizer, directory, weights_file=WEIGHTS_FILE,
+                              config_file=META_FILE, config=meta)
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> "Classifier":
@@ -382,9 +379,8 @@ class Classifier:
         if meta.get("format") != FORMAT:
             raise ValueError(f"{meta_path}: format {meta.get('format')!r}, this code reads {FORMAT!r}")
         model = add_class_head(GPT(ModelConfig.from_dict(meta["base_config"])), len(meta["labels"]))
-        load_model(model, str(directory / WEIGHTS_FILE), strict=True, device=str(device))
-        return cls(model.to(device), load_tokenizer(directory / TOKENIZER_DIR), meta["labels"], meta["pooling"],
-                   meta["max_length"])
+        model, tokenizer = load_model_dir(directory, device, model=model, weights_file=WEIGHTS_FILE)
+        return cls(model, tokenizer, meta["labels"], meta["pooling"], meta["max_length"])
 
 
 # --- training -----------------------------------------------------------------------------------
@@ -441,7 +437,7 @@ class _Training:
         self.rng = np.random.default_rng(config.seed)
         self.steps_per_epoch = math.ceil(len(_epoch_index(train.labels, config.balance, self.rng)) / config.batch_size)
         self.total_steps = config.epochs * self.steps_per_epoch
-        self.optimizer = make_optimizer(model, config.lr, config.weight_decay)
+        self.optimizer = plain_adamw(model, config.lr, config.weight_decay)
         self.history: dict[str, list] = {"train_loss": [], "eval": []}
         self.best: dict[str, Any] = {"val_loss": math.inf, "step": 0, "state": None, "val": {}}
         self.stale = self.step = self.real_tokens = 0
@@ -470,22 +466,35 @@ class _Training:
             rows = [index[i] for i in batch]
             ids, lengths = pad_batch([self.train_ids[i] for i in rows], self.classifier.pad_id)
             labels = torch.tensor([self.train.labels[i] for i in rows], device=self.device)
-            lr = lr_at_step(self.step, self.total_steps, config.lr, config.min_lr, config.warmup_steps)
             t0 = time.perf_counter()
-            loss, grad_norm, correct = _update(self.model, self.optimizer, ids.to(self.device),
-                                               lengths.to(self.device), labels, config, lr, self.class_weights)
+            update, correct = self.update(ids.to(self.device), lengths.to(self.device), labels)
             self.train_seconds += time.perf_counter() - t0
             self.step += 1
             self.real_tokens += int(lengths.sum())
-            self.running.add(loss, correct, len(rows))
-            self.history["train_loss"].append((self.step, loss))
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}", refresh=False)
+            self.running.add(update.loss, correct, len(rows))
+            record_history(self.history, self.step, train_loss=update.loss)
+            bar.set_postfix(loss=f"{update.loss:.4f}", lr=f"{update.lr:.1e}", refresh=False)
             bar.update()
             if self.on_step:
-                self.on_step(self.step, {"loss": loss, "lr": lr, "grad_norm": grad_norm})
+                self.on_step(self.step, {"loss": update.loss, "lr": update.lr, "grad_norm": update.grad_norm})
             if config.eval_every and self.step % config.eval_every == 0 and self.evaluate():
                 return True
         return False
+
+    def update(self, ids: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor) -> tuple[StepResult, int]:
+        """Update self.step (0-based) on one batch, llm.step's as in pretraining; also how many of
+        the batch's predictions were right (the logits are there already: accuracy comes free)."""
+        config, logits = self.config, []
+
+        def loss_of(micro: int) -> torch.Tensor:
+            logits.append(pooled_logits(self.model, ids, lengths, config.pooling))
+            return F.cross_entropy(logits[-1].float(), labels, weight=self.class_weights)
+
+        lr = lr_schedule(self.step, lr=config.lr, min_lr=config.min_lr, warmup_steps=config.warmup_steps,
+                         total_steps=self.total_steps)
+        update = train_step(self.model, self.optimizer, loss_of, step=self.step, lr=lr, grad_clip=config.grad_clip,
+                            config_name="ClassifyConfig", device=self.device)
+        return update, int((logits[0].argmax(dim=-1) == labels).sum())
 
     def evaluate(self) -> bool:
         """Validate, keeping the weights if they are the best yet. True when patience has run out."""
@@ -556,22 +565,6 @@ def _epoch_index(labels: Sequence[int], balance: str, rng: np.random.Generator) 
     for members in by_class.values():
         index += rng.choice(members, size=largest - len(members), replace=True).tolist()
     return index
-
-
-def _update(model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor, lengths: torch.Tensor,
-            labels: torch.Tensor, config: ClassifyConfig, lr: float, class_weights: torch.Tensor | None
-            ) -> tuple[float, float, int]:
-    set_lr(optimizer, lr)
-    optimizer.zero_grad(set_to_none=True)
-    logits = pooled_logits(model, ids, lengths, config.pooling)
-    loss = F.cross_entropy(logits.float(), labels, weight=class_weights)
-    loss_value = loss.item()
-    if not math.isfinite(loss_value):
-        raise FloatingPointError(f"classification loss is {loss_value}: lower ClassifyConfig.lr")
-    loss.backward()
-    grad_norm = float(clip_gradients(model, config.grad_clip))
-    optimizer.step()
-    return loss_value, grad_norm, int((logits.argmax(dim=-1) == labels).sum())
 
 
 @dataclass

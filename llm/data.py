@@ -32,10 +32,10 @@ import numpy as np
 import torch
 
 from llm.files import atomic_file, read_json, write_json
+from llm.model import IGNORE_INDEX  # target value the loss skips (torch's cross_entropy default)
 from llm.tokenizer import Tokenizer, load_tokenizer
 
 FORMAT = "llm-flat-tokens/1"
-IGNORE_INDEX = -100   # target value the loss skips (torch's cross_entropy default)
 PADDING_DOC = -1      # document id of padding positions
 
 

@@ -2,7 +2,8 @@
 
 Read top to bottom: the config, records -> examples (validation, the loss mask, over-long
 examples), the result, batches, evaluation, then the loop. What it shares with classification
-(schedule, optimizer, clipping, the common config knobs) is in llm.tuning.
+(the seeded run, the common config knobs) is in llm.tuning; the update itself (schedule,
+clipping, the divergence check) is pretraining's, llm.step.
 
 Each record {instruction, input, output} becomes one conversation in the prompt format of
 `llm.chat`, with a loss mask that is True on the response and its end token. The three switches
@@ -32,12 +33,14 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from llm.chat import encode_example
-from llm.data import IGNORE_INDEX, PADDING_DOC, Example, LayoutReport, Rows, pack_examples, pad_examples
+from llm.data import PADDING_DOC, Example, LayoutReport, Rows, pack_examples, pad_examples
 from llm.lora import DEFAULT_TARGETS, add_lora, count_parameters, merge_and_check
-from llm.tokenizer import PAD, Tokenizer
-from llm.optim import clip_gradients, set_lr
+from llm.model import IGNORE_INDEX
+from llm.optim import plain_adamw
 from llm.plain import field_checker
-from llm.tuning import TuningKnobs, lr_at_step, make_optimizer, prepare_run
+from llm.step import StepResult, lr_schedule, record_history, train_step
+from llm.tokenizer import PAD, Tokenizer
+from llm.tuning import TuningKnobs, prepare_run
 
 LOSS_ON = ("response", "all")
 LAYOUTS = ("packed", "padded")
@@ -408,7 +411,7 @@ def finetune(model: nn.Module, tokenizer: Tokenizer, train_records: Iterable[Any
 
 def _train(model: nn.Module, data: TuningData, config: FinetuneConfig, device: torch.device,
            on_step: Callback | None, on_eval: Callback | None) -> _Progress:
-    optimizer = make_optimizer(model, config.lr, config.weight_decay)
+    optimizer = plain_adamw(model, config.lr, config.weight_decay)
     total_steps = config.max_steps or config.epochs * data.steps_per_epoch
     run = _Progress()
 
@@ -424,15 +427,14 @@ def _train(model: nn.Module, data: TuningData, config: FinetuneConfig, device: t
               dynamic_ncols=True) as bar:
         for epoch in range(math.ceil(total_steps / data.steps_per_epoch)):
             for batch in data.epoch(epoch)[:total_steps - run.step]:
-                lr = lr_at_step(run.step, total_steps, config.lr, config.min_lr, config.warmup_steps)
                 t0 = time.perf_counter()
-                loss, grad_norm = _update(model, optimizer, batch, device, lr, config.grad_clip)
-                run.add(batch, loss, time.perf_counter() - t0)
-                _record(run.history, run.step, train_loss=loss, lr=lr, grad_norm=grad_norm)
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", refresh=False)
+                update = _update(model, optimizer, batch, device, run.step, total_steps, config)
+                run.add(batch, update.loss, time.perf_counter() - t0)
+                record_history(run.history, run.step, train_loss=update.loss, lr=update.lr, grad_norm=update.grad_norm)
+                bar.set_postfix(loss=f"{update.loss:.3f}", lr=f"{update.lr:.1e}", refresh=False)
                 bar.update()
                 if on_step:
-                    on_step(run.step, {"loss": loss, "lr": lr, "grad_norm": grad_norm,
+                    on_step(run.step, {"loss": update.loss, "lr": update.lr, "grad_norm": update.grad_norm,
                                        "tokens_trained": run.tokens_trained, "tokens_per_s": run.tokens_per_s})
                 if config.eval_every and run.step % config.eval_every == 0 and run.step != total_steps:
                     validate()
@@ -450,20 +452,10 @@ def _seq_len(model: nn.Module, config: FinetuneConfig) -> int:
     return config.seq_len or context
 
 
-def _update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, device: torch.device,
-            lr: float, grad_clip: float) -> tuple[float, float]:
-    set_lr(optimizer, lr)
-    optimizer.zero_grad(set_to_none=True)
-    loss = batch.forward(model, device).loss
-    loss_value = loss.item()
-    if not math.isfinite(loss_value):
-        raise FloatingPointError(f"fine-tuning loss is {loss_value}: lower FinetuneConfig.lr or keep grad_clip > 0")
-    loss.backward()
-    grad_norm = float(clip_gradients(model, grad_clip))
-    optimizer.step()
-    return loss_value, grad_norm
-
-
-def _record(history: dict[str, list], step: int, **values: float) -> None:
-    for name, value in values.items():
-        history[name].append((step, value))
+def _update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, device: torch.device, step: int,
+            total_steps: int, config: FinetuneConfig) -> StepResult:
+    """Update `step` (0-based) on one batch: llm.step's, as in pretraining."""
+    lr = lr_schedule(step, lr=config.lr, min_lr=config.min_lr, warmup_steps=config.warmup_steps,
+                     total_steps=total_steps)
+    return train_step(model, optimizer, lambda micro: batch.forward(model, device).loss, step=step, lr=lr,
+                      grad_clip=config.grad_clip, config_name="FinetuneConfig", device=device)

@@ -21,20 +21,26 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM, PreTrainedModel)
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+)
 
 from llm.model import GPT, ModelConfig
-
 
 # --- which family -------------------------------------------------------------------------------
 
 def hf_family(config: ModelConfig) -> str:
     """'gpt2' or 'llama'; a ValueError saying which switch is off if the config is neither."""
     gpt2 = dict(position="learned", norm="layernorm", mlp="gelu", norm_placement="pre",
-                qkv_bias=True, bias=True, n_kv_head=config.n_head)
+                qkv_bias=True, bias=True, n_kv_head=config.n_head, qk_norm=False)
     llama = dict(position="rope", norm="rmsnorm", mlp="swiglu", norm_placement="pre",
-                 qkv_bias=config.bias)  # LLaMA's attention_bias covers q, k, v and o together
+                 qkv_bias=config.bias,  # LLaMA's attention_bias covers q, k, v and o together
+                 qk_norm=False)
     mismatches = {}
     for family, wanted in (("gpt2", gpt2), ("llama", llama)):
         off = [f"{k}={getattr(config, k)!r} (needs {v!r})" for k, v in wanted.items() if getattr(config, k) != v]

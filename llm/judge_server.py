@@ -125,8 +125,8 @@ def _require_llama_cpp() -> None:
     except ImportError as err:
         raise JudgeServerError(
             f"the local judge needs llama-cpp-python with its server extra ({err}); "
-            "install it with: pip install 'llama-cpp-python[server]==0.3.36' (compiles for ~7 min on "
-            "2 cores), or point the judge at another OpenAI-compatible endpoint in params") from None
+            "install it with: pip install 'llama-cpp-python[server]==0.3.36' (it compiles from source: "
+            "minutes), or point the judge at another OpenAI-compatible endpoint in params") from None
 
 
 @contextlib.contextmanager

@@ -2,7 +2,8 @@
 
 Read top to bottom: the config (every architectural switch the from-scratch accounts discuss is one
 field), the presets, the building blocks (norm, rotary positions, attention, MLP, block), the GPT
-itself, then parameter/FLOP counts and safetensors checkpoints.
+itself with its key/value cache (the one forward pass: training, introspection, generation and
+the server all call it), then parameter and FLOP counts. Saving and loading: llm/checkpoint.py.
 
 Switches are plain `if`s on the config, so what a GPT-2 does and what a LLaMA does differently is
 visible in one place:
@@ -16,15 +17,12 @@ Shapes in comments: B batch, T time (tokens), C model width (d_model), H heads, 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
 
 from llm.plain import PlainDict
 
@@ -55,6 +53,7 @@ class ModelConfig(PlainDict):
     position: str = "learned"      # 'learned' absolute embeddings (GPT-2) or 'rope' rotary (LLaMA)
     rope_theta: float = 10000.0
     qkv_bias: bool = True          # bias on the query/key/value projection
+    qk_norm: bool = False          # RMS-normalise each head's queries and keys (OLMo 2, Qwen3): bounds the attention logits
     bias: bool = True              # bias on every other linear layer and on LayerNorm
     dropout: float = 0.0
     tie_embeddings: bool = True    # the output layer reuses the token embedding matrix
@@ -190,6 +189,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated_half * sin
 
 
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """F.dropout, skipped outright at p = 0 (inference, or a model without dropout): identical
+    output, no random numbers drawn either way, and no call in the decoding loop."""
+    return F.dropout(x, p=p) if p > 0 else x
+
+
 def attention_with_probs(q, k, v, mask, dropout_p: float = 0.0):
     """The explicit attention computation, returning the probabilities too.
 
@@ -204,42 +209,69 @@ def attention_with_probs(q, k, v, mask, dropout_p: float = 0.0):
     return y, probs
 
 
+def attend(q, k, v, mask, dropout_p: float = 0.0):
+    """softmax(q k^T / sqrt(D)) v, each query over the keys `mask` allows (None: causal, or every
+    key for a single query). q: (B, H, T, D); k, v: (B, Hkv, S, D), Hkv dividing H.
+
+    The math is attention_with_probs'; this picks the kernel. A single query per row (decoding
+    one token) is the common case of generation: the G query heads that share a key/value head
+    become G query rows against it, so grouped-query attention never repeats keys; with a
+    mask, three plain ops beat the fused kernel's masked path on CPU (bench/decode.py).
+    """
+    B, H, T, D = q.shape
+    Hkv = k.size(1)
+    if T == 1 and dropout_p == 0.0:
+        q = q.reshape(B, Hkv, H // Hkv, D)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            scores = (q @ k.transpose(-2, -1)) * D ** -0.5
+            y = scores.masked_fill_(~mask, float("-inf")).softmax(dim=-1) @ v
+        return y.reshape(B, H, 1, D)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                          dropout_p=dropout_p, enable_gqa=Hkv != H)
+
+
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
+        self.layer = layer  # which of the cache's layers holds this block's keys and values
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         # One matrix computes queries, keys and values: one matmul instead of three.
         qkv_width = (config.n_head + 2 * config.n_kv_head) * config.head_dim
         self.qkv = nn.Linear(config.d_model, qkv_width, bias=config.qkv_bias)
+        if config.qk_norm:
+            self.q_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps)
+            self.k_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps)
+        self.qk_norm = config.qk_norm
         self.proj = nn.Linear(config.n_head * config.head_dim, config.d_model, bias=config.bias)
         self.dropout = config.dropout
 
-    def forward(self, x, rope, mask, return_attention: bool):
+    def forward(self, x, rope, mask, return_attention: bool, cache: KVCache | None = None):
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(
-            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, H, T, D)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        qkv = self.qkv(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)  # (B, H or Hkv, T, D)
+        if self.qk_norm:  # each head's queries and keys at unit RMS: logits cannot grow without bound
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:  # positions enter as a rotation of queries and keys, not as an added vector
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # keep this step's keys and values; attend over all the row holds
+            k, v = cache.update(self.layer, k, v)
         dropout_p = self.dropout if self.training else 0.0
         probs = None
         if return_attention:
             # Grouped-query attention: query head h reads key/value head h // (H / Hkv).
             group = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-            if mask is None:
-                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            if mask is None:  # causal: the T queries are the last T of the S keys
+                S = k.size(2)
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
             y, probs = attention_with_probs(q, k, v, mask, dropout_p)
         else:
-            # The fused kernel (flash attention on GPU). No mask means plain causal attention.
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p,
-                enable_gqa=self.n_kv_head != self.n_head)
+            y = attend(q, k, v, mask, dropout_p)  # the fused kernel (flash attention on GPU)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
-        return F.dropout(self.proj(y), p=dropout_p), probs
+        return dropout(self.proj(y), dropout_p), probs
 
 
 class MLP(nn.Module):
@@ -259,28 +291,28 @@ class MLP(nn.Module):
             h = F.silu(gate) * up
         else:
             h = F.gelu(h, approximate="tanh")  # GPT-2's GELU is the tanh approximation
-        return F.dropout(self.proj(h), p=self.dropout if self.training else 0.0)
+        return dropout(self.proj(h), self.dropout if self.training else 0.0)
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.pre_norm = config.norm_placement == "pre"
         self.norm1 = make_norm(config)
-        self.attn = Attention(config)
+        self.attn = Attention(config, layer)
         self.norm2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, mask, return_attention: bool):
+    def forward(self, x, rope, mask, return_attention: bool, cache: KVCache | None = None):
         if self.pre_norm:
             # Pre-norm: the residual stream is never normalised, so gradients flow straight
             # through deep stacks; this is what lets GPT-2 and later train without warm-up tricks.
-            a, probs = self.attn(self.norm1(x), rope, mask, return_attention)
+            a, probs = self.attn(self.norm1(x), rope, mask, return_attention, cache)
             x = x + a
             x = x + self.mlp(self.norm2(x))
         else:
             # Post-norm (Attention Is All You Need): normalise after each residual addition.
-            a, probs = self.attn(x, rope, mask, return_attention)
+            a, probs = self.attn(x, rope, mask, return_attention, cache)
             x = self.norm1(x + a)
             x = self.norm2(x + self.mlp(x))
         return x, probs
@@ -308,6 +340,82 @@ def document_positions_and_mask(doc_ids: torch.Tensor) -> tuple[torch.Tensor, to
     return positions, (same_doc & causal).unsqueeze(1)
 
 
+# --- the key/value cache -------------------------------------------------------------------------
+
+class KVCache:
+    """The keys and values of every layer for a batch of rows, so generation feeds each new token
+    once instead of the whole sequence again. GPT.forward(idx, cache=cache) writes the T new
+    tokens' keys and values after each row's `lengths`, lets them attend to everything the row
+    holds, and advances `lengths` by T.
+
+    kv: (layer, key/value, row, kv head, slot, D). Row b's token t lives in slot t, so a slot is
+    a position and rows may be at different lengths (a server's requests join at any step).
+    lengths is a CPU tensor: the Python side reads it every step to choose the cheap path, one
+    slice for all rows when they are level, and `rows(i, j)` views share both tensors.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, slots: int, *, device=None, dtype=None):
+        self.kv = torch.zeros(config.n_layer, 2, batch_size, config.n_kv_head, slots, config.head_dim,
+                              device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long)
+        self.slot_ids = torch.arange(slots, device=device)  # slot i's position is i
+        self._start: int | None = None     # this forward's first slot when every row has the same length
+        self._ends: list[int] = []          # each row's length after this forward
+        self._end = 0                       # the longest of them
+
+    @property
+    def slots(self) -> int:
+        return self.kv.size(4)
+
+    def rows(self, first: int, stop: int) -> KVCache:
+        """A cache over rows first..stop-1 of this one: writes to either show in both."""
+        view = KVCache.__new__(KVCache)
+        view.kv, view.lengths, view.slot_ids = self.kv[:, :, first:stop], self.lengths[first:stop], self.slot_ids
+        view._start, view._ends, view._end = None, [], 0
+        return view
+
+    def positions_and_mask(self, T: int):
+        """Positions of the T new tokens, (T,) or (B, T), and the mask (B or 1, 1, T, S) of the
+        slots each may attend to (None: plain causal, or every slot held for a single token).
+        Called once per forward, before the layers write."""
+        starts = self.lengths.tolist()
+        ends = [s + T for s in starts]
+        if max(ends) > self.slots:
+            raise ValueError(f"the cache holds {self.slots} tokens per row; {max(starts)} + {T} new ones do not fit")
+        self._ends, self._end = ends, max(ends)
+        self._start = starts[0] if min(starts) == max(starts) else None
+        if self._start is not None:
+            positions = self.slot_ids.narrow(0, self._start, T)
+            if T == 1 or self._start == 0:
+                return positions, None
+            slots = self.slot_ids.narrow(0, 0, self._end)
+            return positions, (slots[None, :] <= positions[:, None])[None, None]
+        positions = torch.tensor(starts, device=self.kv.device)[:, None] + self.slot_ids.narrow(0, 0, T)
+        slots = self.slot_ids.narrow(0, 0, self._end)
+        return positions, (slots[None, None, :] <= positions[:, :, None]).unsqueeze(1)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys and values (B, Hkv, T, D) of `layer`; return all the rows hold
+        (B, Hkv, S, D), S the longest row's length: views, no copy."""
+        T, end = k.size(2), self._end
+        keys, values = self.kv[layer, 0], self.kv[layer, 1]
+        if self._start is not None:                           # level rows: one slice
+            keys.narrow(2, self._start, T).copy_(k)
+            values.narrow(2, self._start, T).copy_(v)
+        elif T == 1:                                          # one token per row, each at its slot
+            rows, slots = torch.arange(k.size(0), device=k.device), torch.tensor(self._ends, device=k.device) - 1
+            keys[rows, :, slots] = k[:, :, 0]
+            values[rows, :, slots] = v[:, :, 0]
+        else:
+            for b, row_end in enumerate(self._ends):
+                keys[b, :, row_end - T:row_end] = k[b]
+                values[b, :, row_end - T:row_end] = v[b]
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
+
+    def advance(self, T: int) -> None:
+        self.lengths += T
+
+
 # --- the model ----------------------------------------------------------------------------------
 
 @dataclass
@@ -331,7 +439,7 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
         # Post-norm blocks already end in a norm; pre-norm needs one before the output layer.
         self.final_norm = make_norm(config) if config.norm_placement == "pre" else nn.Identity()
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -355,15 +463,23 @@ class GPT(nn.Module):
             for proj in (block.attn.proj, block.mlp.proj):
                 nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
 
-    def forward(self, idx, targets=None, doc_ids=None, *, return_attention=False, return_hidden=False):
+    def forward(self, idx, targets=None, doc_ids=None, *, cache: KVCache | None = None,
+                logits_at: torch.Tensor | None = None, return_attention=False, return_hidden=False):
         """idx: (B, T) token ids. targets: (B, T) next-token ids, IGNORE_INDEX (-100) to skip one.
         doc_ids: (B, T) document ids of packed rows: attention stays within a document and
-        positions restart at 0 in each. return_attention / return_hidden add the per-layer
-        attention probabilities / residual streams to the output (they cost nothing if not asked)."""
+        positions restart at 0 in each. cache: the keys and values of the tokens before idx
+        (generation feeds each token once; see KVCache). logits_at: (B,) one position per row
+        whose logits alone are computed, (B, 1, V) (generation needs only the next token's).
+        return_attention / return_hidden add the per-layer attention probabilities / residual
+        streams to the output (they cost nothing if not asked)."""
         B, T = idx.shape
         if T > self.config.context_length:
             raise ValueError(f"sequence of {T} tokens is longer than context_length={self.config.context_length}")
-        if doc_ids is None:
+        if cache is not None:
+            if doc_ids is not None:
+                raise ValueError("doc_ids and a cache do not combine: a cached row is one document")
+            positions, mask = cache.positions_and_mask(T)
+        elif doc_ids is None:
             positions, mask = torch.arange(T, device=idx.device), None  # None: plain causal attention
         else:
             if doc_ids.shape != idx.shape:
@@ -383,12 +499,16 @@ class GPT(nn.Module):
         hidden_states = [x] if return_hidden else None
         attentions = [] if return_attention else None
         for block in self.blocks:
-            x, probs = block(x, rope, mask, return_attention)
+            x, probs = block(x, rope, mask, return_attention, cache)
             if return_hidden:
                 hidden_states.append(x)
             if return_attention:
                 attentions.append(probs)
+        if cache is not None:
+            cache.advance(T)
 
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at].unsqueeze(1)   # (B, 1, C)
         logits = self.lm_head(self.final_norm(x))       # (B, T, vocab_size)
         loss = None
         if targets is not None:
@@ -425,6 +545,7 @@ def num_params(config_or_model: ModelConfig | GPT, non_embedding: bool = False) 
     norm = C * (2 if c.norm == "layernorm" and c.bias else 1)
     qkv_out = (c.n_head + 2 * c.n_kv_head) * D
     attn = C * qkv_out + (qkv_out if c.qkv_bias else 0) + c.n_head * D * C + (C if c.bias else 0)
+    attn += 2 * D if c.qk_norm else 0
     fc_out = 2 * c.d_ff if c.mlp == "swiglu" else c.d_ff
     mlp = C * fc_out + c.d_ff * C + ((fc_out + C) if c.bias else 0)
     blocks = c.n_layer * (2 * norm + attn + mlp)
@@ -453,29 +574,3 @@ def flops_per_token(config: ModelConfig, seq_len: int | None = None) -> int:
     matmul_params = num_params(config, non_embedding=True) + config.vocab_size * config.d_model
     attention = 12 * config.n_layer * config.n_head * config.head_dim * T
     return 6 * matmul_params + attention
-
-
-# --- checkpoints --------------------------------------------------------------------------------
-
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-
-
-def save_checkpoint(model: GPT, directory: str | Path) -> Path:
-    """Write model.safetensors and config.json into `directory` (created if missing).
-    save_model (not save_file) because it handles the tied embedding / output weight."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(directory / WEIGHTS_FILE))
-    (directory / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
-    return directory
-
-
-def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> GPT:
-    """Read a checkpoint written by save_checkpoint. Safetensors holds only tensors, so loading
-    never runs pickled code."""
-    directory = Path(directory)
-    config = ModelConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
-    model = GPT(config)
-    load_model(model, str(directory / WEIGHTS_FILE), strict=True, device=str(map_location))
-    return model.to(map_location)

@@ -1,4 +1,5 @@
-"""The pretraining optimizers: AdamW, or Muon for the blocks' weight matrices with AdamW for the rest.
+"""The optimizers: pretraining's AdamW, or Muon for the blocks' weight matrices with AdamW for the
+rest (make_optimizer); tuning's plain AdamW (plain_adamw).
 
 AdamW scales each weight's step by that weight's own gradient history. Muon (torch.optim.Muon)
 treats a weight matrix as a whole: it orthogonalises the matrix's momentum (a few Newton-Schulz
@@ -97,3 +98,9 @@ def make_optimizer(model: nn.Module, kind: str, lr: float, weight_decay: float, 
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in in_muon]
     muon = torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
     return Combined(muon=muon, adamw=adamw(decay_groups(rest, weight_decay)))
+
+
+def plain_adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with torch's defaults (betas 0.9/0.999, not the fused kernel) over the trainable
+    parameters only (frozen ones would just hold zero state): what tuning uses."""
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)

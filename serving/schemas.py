@@ -11,9 +11,12 @@ that clients sending the defaults work, and anything else gets a 400 naming the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+
+from llm.generate import Sampling
 
 
 class Strict(BaseModel):
@@ -52,7 +55,7 @@ class StreamOptions(Strict):
                                                          "as OpenAI does. Without it the last chunk carries usage.")
 
 
-class Sampling(Strict):
+class SamplingFields(Strict):
     """Fields shared by chat and text completions."""
     model: ModelName
     max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most; finish_reason "
@@ -102,7 +105,7 @@ class ChatMessage(Strict):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class ChatCompletionRequest(Sampling):
+class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens.")
     logprobs: bool | None = Field(None, description="Return the log probability of each output token.")
@@ -122,7 +125,7 @@ class ChatCompletionRequest(Sampling):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-class CompletionRequest(Sampling):
+class CompletionRequest(SamplingFields):
     prompt: str | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] = Field(
         description="Text, or token ids. An empty text starts a new document.")
     logprobs: int | None = Field(None, ge=0, le=5, description="Log probabilities of each output token and "
@@ -375,3 +378,14 @@ class IntrospectResponse(Loose):
     attention: list[LayerAttention] | None
     logit_lens: list[LensLayer] | None
     caps: dict[str, int] = Field(description="The size caps this server applies to introspection requests.")
+
+
+@dataclass
+class Job:
+    """What the HTTP process hands a generation worker through LitServe's queue (pickled): the
+    prompt's tokens, how to decode them (checked against the model and the limits already), and
+    what only the text side needs."""
+    prompt: list[int]
+    sampling: Sampling
+    stop: list[str]                 # stop strings, found in the decoded text
+    stream: bool

@@ -31,7 +31,7 @@ import signal
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import litserve as ls
 import torch
@@ -39,9 +39,10 @@ from litserve.loops.base import LitLoop
 from litserve.utils import LitAPIStatus, LoopResponseType
 
 from llm.chat import stop_token_ids
-from serving.engine import Engine, Sampling, Sequence
+from llm.generate import Engine, Sequence, room_for_new_tokens
 from serving.loading import load_model_dir
 from serving.options import ServeOptions
+from serving.schemas import Job
 from serving.text import TextStream
 
 logger = logging.getLogger(__name__)
@@ -211,21 +212,23 @@ class _Serving:
         if problem:
             self._send(consumer, uid, {"error": problem})
             return None
-        text = TextStream(self.api.tokenizer, job["stop"], logprobs=job["logprobs"] or job["top_logprobs"] > 0)
-        self.jobs[uid] = _Job(uid, consumer, job["stream"], text, len(job["prompt"]))
-        sampling = Sampling(max_tokens=job["max_tokens"], temperature=job["temperature"], top_p=job["top_p"],
-                            seed=job["seed"], logprobs=job["logprobs"], top_logprobs=job["top_logprobs"],
-                            stop_ids=self.api.stop_ids)
-        return Sequence(uid, job["prompt"], sampling)
+        sampling = job.sampling
+        text = TextStream(self.api.tokenizer, job.stop, logprobs=sampling.logprobs or sampling.top_logprobs > 0)
+        self.jobs[uid] = _Job(uid, consumer, job.stream, text, len(job.prompt))
+        return Sequence(uid, job.prompt, replace(sampling, stop_ids=self.api.stop_ids))
 
-    def _problem(self, job: dict) -> str | None:
+    def _problem(self, job: Job) -> str | None:
         """The HTTP side checked everything; this only keeps a malformed job from breaking a batch."""
         config = self.engine.config
-        prompt = job.get("prompt") or []
-        if not 0 < len(prompt) < config.context_length or not all(0 <= t < config.vocab_size for t in prompt):
+        if not isinstance(job, Job):
+            return f"not a generation job: {type(job).__name__}"
+        if room_for_new_tokens(len(job.prompt), config.context_length) < 1 or not job.prompt \
+                or not all(0 <= t < config.vocab_size for t in job.prompt):
             return "invalid prompt"
-        if not 1 <= job.get("max_tokens", 0):
-            return "invalid max_tokens"
+        try:
+            job.sampling.check(config.vocab_size)
+        except ValueError as error:
+            return str(error)
         return None
 
     def _drop_cancelled(self) -> None:

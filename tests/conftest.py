@@ -13,6 +13,7 @@ import pytest
 
 import flows  # noqa: F401  (the project's quiet/offline environment defaults)
 from flows import servers
+
 from judge_model import judge_gguf  # noqa: F401  (a session fixture shared by the judge tests)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +42,7 @@ def one_torch_thread():
 def prefect_api(tmp_path_factory) -> str:
     """A real Prefect server on a free port with its own database, for the whole test session.
 
-    One server instead of an ephemeral API per stage saves ~10 s a stage run.
+    One server instead of an ephemeral API per stage saves starting one for every stage run.
     """
     from prefect.settings import PREFECT_API_URL, temporary_settings
 

@@ -36,16 +36,12 @@ def test_pretrain_bench_trains_with_the_real_loop_and_keeps_its_report(tmp_path)
 
 
 def test_decode_bench_compares_sides_that_produce_the_same_tokens(tmp_path):
-    import torch
-
-    torch._dynamo.reset()
     out = tmp_path / "decode.json"
-    report = decode.main(["--new-tokens", "12", "--batch-sizes", "1,3", "--repeats", "1", "--compile",
-                          "--out", str(out)])
+    report = decode.main(["--new-tokens", "12", "--batch-sizes", "1,3", "--repeats", "1", "--out", str(out)])
     for batch in ("batch_1", "batch_3"):
         row = report[batch]
-        # float32 on a CPU: ours, ours compiled and transformers' generate agree token for token.
-        assert row["tokens_match"] == {"ours": True, "compiled": True}
-        assert row["ours_tokens_per_s"] > 0 and row["compiled_tokens_per_s"] > 0 and row["hf_tokens_per_s"] > 0
+        # float32 on a CPU: ours and transformers' generate agree token for token.
+        assert row["tokens_match"] == {"ours": True}
+        assert row["ours_tokens_per_s"] > 0 and row["hf_tokens_per_s"] > 0 and row["matmul_only_tokens_per_s"] > 0
         assert row["ratio"] == pytest.approx(row["ours_tokens_per_s"] / row["hf_tokens_per_s"], rel=0.02)
     assert report["dtype"] == "float32" and json.loads(out.read_text()) == report

@@ -10,8 +10,19 @@ import pytest
 import torch
 
 from llm.classify import (
-    Classifier, ClassifyConfig, LabeledTexts, _epoch_index, add_class_head, classification_metrics, encode_texts,
-    labeled_texts, majority_baseline, pad_batch, pooled_logits, stratified_split, train_classifier,
+    Classifier,
+    ClassifyConfig,
+    LabeledTexts,
+    _epoch_index,
+    add_class_head,
+    classification_metrics,
+    encode_texts,
+    labeled_texts,
+    majority_baseline,
+    pad_batch,
+    pooled_logits,
+    stratified_split,
+    train_classifier,
 )
 from llm.model import GPT, ModelConfig
 from llm.tokenizer import train_sentencepiece

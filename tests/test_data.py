@@ -11,8 +11,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llm.data import (
-    IGNORE_INDEX, PADDING_DOC, TokenDataset, document_ids, encode_documents, pack_examples,
-    pad_examples, read_meta, token_dtype, unigram_loss, write_token_file,
+    IGNORE_INDEX,
+    PADDING_DOC,
+    TokenDataset,
+    document_ids,
+    encode_documents,
+    pack_examples,
+    pad_examples,
+    read_meta,
+    token_dtype,
+    unigram_loss,
+    write_token_file,
 )
 from llm.tokenizer import ENDOFTEXT, train_char
 

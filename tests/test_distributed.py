@@ -20,14 +20,21 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))   # when torchrun runs this file as a script
 
+from train_driver import CONTEXT, make_token_files, tiny_model_config  # noqa: E402
+
 from llm import distributed  # noqa: E402
 from llm.checkpoint import STATE_FILE, CheckpointMismatch, checkpoint_name  # noqa: E402
 from llm.distributed import Dist  # noqa: E402
 from llm.model import GPT  # noqa: E402
 from llm.train import (  # noqa: E402
-    TrainConfig, TrainResult, accumulation_steps, global_tokens_per_step, load_datasets, micro_batch_index, train,
+    TrainConfig,
+    TrainResult,
+    accumulation_steps,
+    global_tokens_per_step,
+    load_datasets,
+    micro_batch_index,
+    train,
 )
-from train_driver import CONTEXT, make_token_files, tiny_model_config  # noqa: E402
 
 PROCESSES = 2
 
@@ -101,7 +108,7 @@ def test_device_counts():
 
 
 def test_devices_in_params_is_auto_or_a_positive_count():
-    from llm.config import PretrainParams
+    from flows.params import PretrainParams
     assert PretrainParams().devices == 1
     assert PretrainParams.model_validate({"devices": "auto"}).devices == "auto"
     assert PretrainParams.model_validate({"devices": 4}).devices == 4
@@ -121,7 +128,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def two_process_runs(data_dir, tmp_path_factory) -> Path:
-    """Both configs trained by 2 processes under torchrun, once for the module (~15 s)."""
+    """Both configs trained by 2 processes under torchrun, once for the module (the slow part)."""
     out = tmp_path_factory.mktemp("ddp")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     command = distributed.torchrun_command(PROCESSES, [__file__, str(data_dir), str(out)])
@@ -193,9 +200,10 @@ def stage_workspace(root: Path, **train_overrides) -> tuple[Path, dict]:
     """A folder with what the pretrain stage reads (a small BPE tokenizer, packed tokens) and params."""
     import yaml
 
-    import sample_sources as samples
     from llm.data import write_token_file
     from llm.tokenizer import ENDOFTEXT, train_sentencepiece
+
+    import sample_sources as samples
 
     repo = root / "repo"
     params = samples.tiny_pipeline_params(root)
@@ -241,8 +249,9 @@ def test_pretrain_stage_trains_on_two_processes_and_refuses_to_continue_on_one(p
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 7))
     assert client.get_metric_history(run.info.run_id, "loss")[-1].value == pytest.approx(metrics["train_loss"])
     assert client.search_model_versions("name = 'testllm-base'")[0].run_id == run.info.run_id
-    from llm.checkpoint import latest_checkpoint
     from safetensors.torch import load_file
+
+    from llm.checkpoint import latest_checkpoint
     [checkpoints] = list((repo / "data/pretrain/checkpoints").iterdir())
     final, model = load_file(latest_checkpoint(checkpoints / "checkpoints") / "model.safetensors"), load_file(
         repo / "data/pretrain/model/model.safetensors")

@@ -8,11 +8,16 @@ import pytest
 import torch
 
 from llm.chat import encode_example
-from llm.data import IGNORE_INDEX, pack_examples
+from llm.data import pack_examples
 from llm.finetune import (
-    FinetuneConfig, encode_records, evaluate_loss, finetune, fixed_batches, split_records,
+    FinetuneConfig,
+    encode_records,
+    evaluate_loss,
+    finetune,
+    fixed_batches,
+    split_records,
 )
-from llm.model import GPT, ModelConfig
+from llm.model import GPT, IGNORE_INDEX, ModelConfig
 from llm.tokenizer import END, train_char
 
 WORDS = "cat dog bird fish tree house river stone cloud light".split()

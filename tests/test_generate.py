@@ -1,4 +1,5 @@
-"""llm.generate: the cached decoder against full recomputation, sampling, stopping, streaming."""
+"""llm.generate: the cached forward pass against full recomputation, the sampler, stopping, streaming,
+and the engine whose requests join and leave a running batch."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import pytest
 import torch
 
-from llm.generate import Decoder, generate, sample_next_token, stream
+from llm.generate import Engine, Sampling, Sequence, choose_tokens, generate, stream
 from llm.model import GPT, ModelConfig
 
 VARIANTS = {
@@ -15,6 +16,7 @@ VARIANTS = {
     "llama-gqa": dict(mlp="swiglu", norm="rmsnorm", position="rope", qkv_bias=False, bias=False, n_kv_head=2),
     "post-norm-rmsnorm": dict(norm_placement="post", norm="rmsnorm"),
     "rope-gelu-mqa-untied": dict(position="rope", n_kv_head=1, tie_embeddings=False, bias=False),
+    "qk-norm-llama": dict(mlp="swiglu", norm="rmsnorm", position="rope", bias=False, n_kv_head=2, qk_norm=True),
 }
 CONTEXT = 32
 
@@ -50,7 +52,7 @@ PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [42], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 12]]
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_cached_greedy_equals_full_recomputation(variant):
     model = build(**VARIANTS[variant])
-    # One batch with three prompt lengths: left padding and per-row positions are exercised too.
+    # One batch with three prompt lengths: right padding and per-row positions are exercised too.
     completions = generate(model, PROMPTS, max_new_tokens=40)
     for prompt, completion in zip(PROMPTS, completions):
         expected = greedy_by_recomputation(model, prompt, 40)
@@ -115,7 +117,7 @@ def test_stop_tokens_end_a_row_and_are_not_output():
 
 def test_streaming_yields_each_step_and_matches_generate():
     model = build(**VARIANTS["llama-gqa"])
-    decoder = Decoder(model)
+    decoder = Engine(model)
     steps = list(decoder.stream([[3, 4], [5]], max_new_tokens=6))
     assert len(steps) == 6
     rows = list(zip(*[step.tokens for step in steps]))
@@ -129,8 +131,8 @@ def test_inference_mode_does_not_leak_into_the_callers_code_between_steps():
         assert not torch.is_inference_mode_enabled()
 
 
-def test_two_interleaved_streams_of_one_decoder_are_independent():
-    decoder = Decoder(build())
+def test_two_interleaved_streams_of_one_engine_are_independent():
+    decoder = Engine(build())
     a, b = decoder.stream([[1, 2]], max_new_tokens=8), decoder.stream([[7, 7, 7]], max_new_tokens=8)
     a_tokens, b_tokens = [], []
     for step_a, step_b in zip(a, b):
@@ -147,8 +149,6 @@ def test_seeded_sampling_is_reproducible():
     runs = [generate(model, [[1, 2, 3]], max_new_tokens=20, temperature=1.0, seed=s)[0].tokens for s in (7, 7, 8)]
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
-    generator = torch.Generator().manual_seed(7)
-    assert generate(model, [[1, 2, 3]], max_new_tokens=20, temperature=1.0, generator=generator)[0].tokens == runs[0]
 
 
 def test_top_k_1_and_tiny_top_p_are_greedy():
@@ -158,15 +158,27 @@ def test_top_k_1_and_tiny_top_p_are_greedy():
     assert generate(model, [[1, 2, 3]], 10, temperature=1.5, top_p=1e-6, seed=0)[0].tokens == greedy
 
 
-def test_sample_next_token_filters():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    g = torch.Generator().manual_seed(0)
-    draws = lambda **kw: {sample_next_token(logits, 1.0, generator=g, **kw).item() for _ in range(300)}  # noqa: E731
+def test_the_sampler_filters_with_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(300, 1)
+    uniforms = torch.rand(300, generator=torch.Generator().manual_seed(0)).tolist()
+    draws = lambda **kw: set(choose_tokens(logits, [Sampling(temperature=1.0, **kw)] * 300, uniforms))  # noqa: E731
     assert draws(top_k=2) == {0, 1}
     assert draws(top_p=0.6) == {0, 1}        # 0.5 alone is short of 0.6; 0.5 + 0.3 reaches it
     assert draws(top_p=0.5) == {0}
+    assert draws(top_k=3, top_p=0.99) == {0, 1, 2}  # top-k cuts first, top-p then keeps what is left
     assert draws() == {0, 1, 2, 3}
-    assert sample_next_token(logits).item() == 0
+    assert set(choose_tokens(logits, [Sampling()] * 300, uniforms)) == {0}  # temperature 0: greedy
+
+
+def test_sampling_follows_the_distribution_and_top_p_cuts_the_tail():
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -30.0]).repeat(4000, 1)
+    uniforms = torch.rand(4000, generator=torch.Generator().manual_seed(0)).tolist()
+    counts = torch.bincount(torch.tensor(choose_tokens(logits, [Sampling(temperature=1.0)] * 4000, uniforms)),
+                            minlength=5).float() / 4000
+    assert torch.allclose(counts, logits[0].softmax(-1), atol=0.03)
+    assert counts[4] == 0
+    nucleus = choose_tokens(logits, [Sampling(temperature=1.0, top_p=0.7)] * 4000, uniforms)
+    assert set(nucleus) == {0, 1}  # p = 0.64, 0.24, ...: two tokens reach 0.7
 
 
 def test_logprobs_are_the_models_log_probabilities():
@@ -184,53 +196,100 @@ def test_logprobs_are_the_models_log_probabilities():
         ids.append(token)
 
 
-# --- the compiled decoder -------------------------------------------------------------------------
+# --- the engine: requests join and leave a running batch ----------------------------------------
 
-def counting_backend(graphs: list):
-    """A torch.compile backend that runs the traced graph as it is and counts compilations.
+def build_varied(seed=0, **overrides) -> GPT:
+    """The init's small weights (flat distributions: sampled tokens vary), non-trivial norms and biases."""
+    torch.manual_seed(seed)
+    config = ModelConfig(**{**dict(vocab_size=61, context_length=24, n_layer=2, n_head=4, d_model=32), **overrides})
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
 
-    It also refuses a graph that takes the key/value cache more than once (as the cache and as
-    views of it): torch would then rebuild a common base for every call, and a CUDA graph could
-    not treat the cache as the one static buffer it writes to."""
-    def backend(graph_module, example_inputs):
-        graphs.append(graph_module)
-        caches = [t.untyped_storage().data_ptr() for t in example_inputs
-                  if isinstance(t, torch.Tensor) and t.dim() >= 4]
-        assert len(caches) == len(set(caches)), "the cache enters the graph more than once"
-        return graph_module.forward
-    return backend
+
+def greedy(max_tokens, **kw) -> Sampling:
+    return Sampling(max_tokens=max_tokens, temperature=0.0, **kw)
+
+
+def drain(engine: Engine, arrivals: list[tuple[int, Sequence]]) -> dict[str, list]:
+    """Run the engine, adding each sequence at its step; all events per uid."""
+    out, step = {}, 0
+    arrivals = sorted(arrivals, key=lambda a: a[0])
+    while arrivals or len(engine):
+        events = []
+        while arrivals and arrivals[0][0] <= step and engine.free:
+            events += engine.add([arrivals.pop(0)[1]])
+        events += engine.step()
+        for e in events:
+            out.setdefault(e.uid, []).append(e)
+        step += 1
+    return out
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_compiled_decoder_traces_one_graph_per_shape_and_equals_the_eager_one(variant):
-    torch._dynamo.reset()  # compilations of other tests' decoders count against torch's limit
-    model, graphs = build(**VARIANTS[variant]), []
-    eager = Decoder(model)
-    # fullgraph: any graph break (a Python branch on a tensor, an untraceable call) fails here.
-    compiled = Decoder(model).compile(backend=counting_backend(graphs), fullgraph=True)
-    for prompts, graphs_after in ((PROMPTS, 1), (PROMPTS[::-1], 1), ([[5, 6]], 2), ([[1, 2, 3], [4, 5, 6]], 3)):
-        expected = eager.generate(prompts, max_new_tokens=40)
-        assert [c.tokens for c in compiled.generate(prompts, max_new_tokens=40)] == [c.tokens for c in expected]
-        # Same batch size and slot bucket: the cache and the graph are reused, whatever the lengths.
-        assert len(graphs) == graphs_after
-    sampled = dict(max_new_tokens=20, temperature=1.0, top_k=20, seed=3, logprobs=True)
-    [a], [b] = eager.generate([[9, 1, 4]], **sampled), compiled.generate([[9, 1, 4]], **sampled)
-    assert a.tokens == b.tokens
-    assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+def test_requests_joining_a_running_batch_get_exactly_the_tokens_they_would_get_alone(variant):
+    model = build_varied(**VARIANTS[variant])
+    decoder = Engine(model)
+    prompts = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4], [7] * 20, [9, 8]]
+    alone = [decoder.generate([p], 30)[0].tokens for p in prompts]
+    engine = Engine(model, max_batch_size=3)  # fewer rows than requests: some wait for a free row
+    events = drain(engine, [(2 * i, Sequence(str(i), p, greedy(30))) for i, p in enumerate(prompts)])
+    for i in range(len(prompts)):
+        tokens = [e.token for e in events[str(i)] if e.token is not None]
+        assert tokens == alone[i], f"prompt {i}"
+        assert events[str(i)][-1].finish_reason == "length"  # max_tokens or the context, as generate
+    assert len(engine) == 0
 
 
-def test_interleaved_streams_of_a_compiled_decoder_do_not_share_a_cache():
-    torch._dynamo.reset()
-    model = build(**VARIANTS["llama-gqa"])
-    compiled = Decoder(model).compile(backend="eager", fullgraph=True)
-    a, b = compiled.stream([[1, 2]], max_new_tokens=8), compiled.stream([[7, 7]], max_new_tokens=8)
-    rows = [(step_a.tokens[0], step_b.tokens[0]) for step_a, step_b in zip(a, b)]
-    assert [r[0] for r in rows] == generate(model, [[1, 2]], 8)[0].tokens
-    assert [r[1] for r in rows] == generate(model, [[7, 7]], 8)[0].tokens
+def test_newcomers_arriving_together_are_prefilled_together():
+    model = build_varied()
+    decoder = Engine(model)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
+    engine = Engine(model, max_batch_size=8)
+    first = engine.add([Sequence(str(i), p, greedy(5)) for i, p in enumerate(prompts)])
+    assert [e.uid for e in first] == ["0", "1", "2"]
+    events = drain(engine, [])
+    for i, p in enumerate(prompts):
+        tokens = [first[i].token] + [e.token for e in events[str(i)]]
+        assert tokens == decoder.generate([p], 5)[0].tokens
 
 
-def test_compiled_decoder_with_torchs_default_compiler():
-    torch._dynamo.reset()
-    model = build(**VARIANTS["llama-gqa"])
-    expected = [c.tokens for c in generate(model, PROMPTS, max_new_tokens=12)]
-    assert [c.tokens for c in Decoder(model, compile=True).generate(PROMPTS, max_new_tokens=12)] == expected
+def test_stop_tokens_max_tokens_and_cancel():
+    model = build_varied()
+    sampled = lambda **kw: Sampling(max_tokens=12, temperature=1.0, seed=7, **kw)  # varied, reproducible
+    reference = [e.token for e in drain(Engine(model, 4), [(0, Sequence("r", [1, 2], sampled()))])["r"]]
+    k = next(k for k in range(1, 12) if reference[k] not in reference[:k])
+    engine = Engine(model, max_batch_size=4)
+    events = drain(engine, [(0, Sequence("s", [1, 2], sampled(stop_ids=frozenset({reference[k]})))),
+                            (0, Sequence("m", [1, 2], Sampling(max_tokens=2, temperature=1.0, seed=7)))])
+    assert [e.token for e in events["s"]] == [*reference[:k], None]
+    assert events["s"][-1].finish_reason == "stop"
+    assert [e.token for e in events["m"]] == reference[:2] and events["m"][-1].finish_reason == "length"
+    engine.add([Sequence("a", [1], greedy(50)), Sequence("b", [2], greedy(50))])
+    assert engine.cancel("a") and not engine.cancel("a")
+    assert engine.uids() == ["b"]
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch_around_it():
+    model = build_varied()
+    sampling = Sampling(max_tokens=15, temperature=1.0, top_p=0.9, seed=123)
+    alone = drain(Engine(model, 4), [(0, Sequence("x", [1, 2], sampling))])["x"]
+    crowd = [(0, Sequence(f"n{i}", [i + 3], Sampling(max_tokens=15, temperature=1.0))) for i in range(3)]
+    together = drain(Engine(model, 4), [*crowd, (1, Sequence("x", [1, 2], sampling))])["x"]
+    assert [e.token for e in alone] == [e.token for e in together]
+
+
+def test_logprobs_are_the_models_and_ids_beyond_the_tokenizer_are_never_produced():
+    model = build_varied()
+    engine = Engine(model, max_batch_size=2, vocab_limit=40)
+    [event] = engine.add([Sequence("x", [1, 2, 3], greedy(1, logprobs=True, top_logprobs=3))])
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 2, 3]])).logits[0, -1]
+    logits[40:] = float("-inf")
+    expected = logits.log_softmax(-1)
+    assert event.token < 40 and event.token == int(expected.argmax())
+    assert event.logprob == pytest.approx(float(expected[event.token]), abs=1e-4)
+    assert [i for i, _ in event.top] == expected.topk(3).indices.tolist()

@@ -14,9 +14,21 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from llm.judge import (Judge, JudgeConfig, JudgeError, JudgementCache, JudgeUnavailable, calibration,
-                       mean_interval, mismatched, parse_score, request_body, rubric_messages, separation,
-                       win_rate)
+from llm.judge import (
+    Judge,
+    JudgeConfig,
+    JudgeError,
+    JudgementCache,
+    JudgeUnavailable,
+    calibration,
+    mean_interval,
+    mismatched,
+    parse_score,
+    request_body,
+    rubric_messages,
+    separation,
+    win_rate,
+)
 from tests.conftest import free_port
 
 # --- parsing ----------------------------------------------------------------------------------------

@@ -13,11 +13,9 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 import urllib.request
-import zipfile
 from pathlib import Path
 
 import psutil
@@ -25,8 +23,14 @@ import pytest
 
 from llm.files import sha256_file
 from llm.judge import Judge, JudgeConfig, calibration, mismatched
-from llm.judge_server import (LOCAL_MODEL_NAME, GGUFChecksumError, JudgeServerError,
-                              assemble_gguf, ensure_gguf, local_judge)
+from llm.judge_server import (
+    LOCAL_MODEL_NAME,
+    GGUFChecksumError,
+    JudgeServerError,
+    assemble_gguf,
+    ensure_gguf,
+    local_judge,
+)
 
 from judge_model import GGUF_SHA256  # noqa: F401  (judge_gguf, the fixture, comes from conftest)
 

@@ -5,11 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llm.checkpoint import load_checkpoint, save_checkpoint
 from llm.lora import (
-    DEFAULT_TARGETS, LoraSettings, add_lora, count_parameters, is_lora, merge_and_check, merge_lora,
+    DEFAULT_TARGETS,
+    LoraSettings,
+    add_lora,
+    count_parameters,
+    is_lora,
+    merge_and_check,
+    merge_lora,
     resolve_targets,
 )
-from llm.model import GPT, ModelConfig, load_checkpoint, save_checkpoint
+from llm.model import GPT, ModelConfig
 
 
 def tiny_gpt(**overrides) -> GPT:

@@ -8,8 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm.model import (GPT, PRESETS, ModelConfig, default_d_ff, document_positions_and_mask, flops_per_token,
-                       load_checkpoint, num_params, save_checkpoint)
+from llm.checkpoint import load_checkpoint, save_checkpoint
+from llm.model import (
+    GPT,
+    PRESETS,
+    KVCache,
+    ModelConfig,
+    default_d_ff,
+    document_positions_and_mask,
+    flops_per_token,
+    num_params,
+)
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -27,6 +37,7 @@ VARIANTS = {
     "llama-gqa": dict(mlp="swiglu", norm="rmsnorm", position="rope", qkv_bias=False, bias=False, n_kv_head=1),
     "post-norm": dict(norm_placement="post"),
     "rope-layernorm-untied": dict(position="rope", tie_embeddings=False, qkv_bias=False),
+    "qk-norm": dict(qk_norm=True, position="rope", n_kv_head=2),
 }
 
 
@@ -158,6 +169,50 @@ def test_packed_row_equals_documents_run_alone(variant):
     torch.testing.assert_close(together_explicit, alone, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_feeding_a_sequence_in_pieces_through_a_cache_equals_one_pass(variant):
+    """The one forward pass with a KVCache: rows at different lengths, chunks and single tokens."""
+    model = build(**VARIANTS[variant])
+    idx = torch.randint(0, 61, (3, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(idx).logits
+        cache = KVCache(model.config, 3, 24)
+        pieces = [model(idx[:, :5], cache=cache).logits, model(idx[:, 5:6], cache=cache).logits,
+                  model(idx[:, 6:20], cache=cache).logits]
+        assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
+        assert cache.lengths.tolist() == [20, 20, 20]
+        # Rows at their own lengths (a server's batch): row b holds b + 2 tokens, then gets one more.
+        ragged = KVCache(model.config, 3, 24)
+        for b in range(3):
+            model(idx[b:b + 1, :b + 2], cache=ragged.rows(b, b + 1))
+        step = idx[torch.arange(3), torch.arange(2, 5)][:, None]
+        logits = model(step, cache=ragged).logits[:, 0]
+        assert torch.allclose(logits, full[torch.arange(3), torch.arange(2, 5)], atol=1e-5)
+        last = model(idx[:, :7], logits_at=torch.tensor([6, 3, 0])).logits[:, 0]
+        assert torch.allclose(last, full[torch.arange(3), torch.tensor([6, 3, 0])], atol=1e-5)
+
+
+def test_a_full_cache_is_refused():
+    model = build()
+    cache = KVCache(model.config, 1, 4)
+    with pytest.raises(ValueError, match="cache holds 4"):
+        model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
+
+
+def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
+    plain, normed = build(position="rope", qkv_bias=False), build(qk_norm=True, position="rope", qkv_bias=False)
+    assert num_params(normed) - num_params(plain) == 2 * 2 * 8  # two layers, a q and a k weight of head_dim
+    assert num_params(normed.config) == num_params(normed)
+    idx = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(2))
+    for model, invariant in ((normed, True), (plain, False)):
+        with torch.no_grad():
+            before = model(idx).logits
+            for block in model.blocks:
+                block.attn.qkv.weight[:64] *= 5.0          # the query and key rows (4 + 4 heads of 8)
+            after = model(idx).logits
+        assert torch.allclose(before, after, atol=1e-4) == invariant
+
+
 def test_document_positions_and_mask():
     positions, mask = document_positions_and_mask(torch.tensor([[7, 7, 7, 3, 3, 7]]))
     assert positions.tolist() == [[0, 1, 2, 0, 1, 0]]  # a change of id starts a new document
@@ -222,7 +277,7 @@ def test_weights_are_tied_and_residual_projections_scaled():
     assert model.lm_head.weight is model.tok_emb.weight
     std = model.blocks[0].mlp.proj.weight.std().item()
     assert abs(std - 0.02 / 4) < 0.002  # 0.02 / sqrt(2 * 8 layers)
-    assert not GPT(small(tie_embeddings=False)).lm_head.weight is GPT(small()).tok_emb.weight
+    assert GPT(small(tie_embeddings=False)).lm_head.weight is not GPT(small()).tok_emb.weight
 
 
 # --- checkpoints --------------------------------------------------------------------------------

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from train_driver import tiny_model_config
 
 from llm.model import GPT
 from llm.optim import Combined, make_optimizer, param_groups
-from train_driver import tiny_model_config
 
 
 def test_weight_decay_applies_to_matrices_only():

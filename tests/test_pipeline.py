@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import json
-
 import math
 import shutil
 
 import numpy as np
-from mlflow.tracking import MlflowClient
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
-import sample_sources as samples
-from conftest import dvc, run, stage_env
+from llm.checkpoint import load_checkpoint
 from llm.classify import Classifier
 from llm.data import TokenDataset
-from llm.model import load_checkpoint
 from llm.tokenizer import load_tokenizer
+
+import sample_sources as samples
+from conftest import dvc, stage_env
 
 pytestmark = pytest.mark.e2e
 
@@ -84,7 +84,8 @@ def test_tiny_pipeline_end_to_end(pipeline_repo, prefect_api, judge_gguf, tmp_pa
     assert classify["test"]["pretrained"]["accuracy"] > classify["test"]["majority"]["accuracy"]
     predictions = (repo / "data/classify/predictions.csv").read_text().splitlines()
     assert predictions[0] == "actual,predicted" and len(predictions) - 1 == classify["examples"]["test"]
-    labels, probabilities = Classifier.load(repo / "data/classify/model").predict(["free prize call now", "the people have spoken"])
+    classifier = Classifier.load(repo / "data/classify/model")
+    labels, probabilities = classifier.predict(["free prize call now", "the people have spoken"])
     assert labels[0] in ("ham", "spam") and abs(sum(probabilities[0]) - 1) < 1e-5
 
     # instruct: tuned model registered, answers from base and tuned model for the judge

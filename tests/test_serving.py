@@ -24,6 +24,7 @@ import openai
 import pytest
 
 from llm.tokenizer import load_tokenizer
+
 from test_serving_support import make_model_dir, running
 
 CONTEXT = 1024      # long enough that a "long" request takes a while even for this tiny model

@@ -11,8 +11,16 @@ import time
 import httpx
 import pytest
 
-from serving.loading import (DEFAULT_MODEL, ModelNotFound, check_model_dir, default_name, load_model_dir, resolve_model,
-                             tracking_uri)
+from serving.loading import (
+    DEFAULT_MODEL,
+    ModelNotFound,
+    check_model_dir,
+    default_name,
+    load_model_dir,
+    resolve_model,
+    tracking_uri,
+)
+
 from test_serving_support import make_model_dir, running
 
 

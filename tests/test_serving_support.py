@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
+from llm.checkpoint import save_model_dir
 from llm.model import GPT, ModelConfig
 from llm.tokenizer import train_char
-from serving.loading import save_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,13 +6,14 @@ import json
 
 import pytest
 
-import sample_sources as samples
 from llm import sources
-from llm.config import Source
+from llm.sources import Source
+
+import sample_sources as samples
 
 
 def source(**fields) -> Source:
-    return Source.model_validate(fields)
+    return Source(**fields)
 
 
 def records(out_dir):

@@ -16,8 +16,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llm.tokenizer import (
-    ENDOFTEXT, SPECIAL_TOKENS, USER, CharTokenizer, SentencePieceTokenizer, TiktokenTokenizer,
-    fingerprint_dir, load_tokenizer, measure, train_char, train_sentencepiece,
+    ENDOFTEXT,
+    SPECIAL_TOKENS,
+    USER,
+    CharTokenizer,
+    SentencePieceTokenizer,
+    TiktokenTokenizer,
+    fingerprint_dir,
+    load_tokenizer,
+    measure,
+    train_char,
+    train_sentencepiece,
 )
 
 # --- a small corpus in three scripts --------------------------------------------------------------

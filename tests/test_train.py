@@ -1,4 +1,4 @@
-"""The training loop: schedule, optimizer groups, accumulation, checkpoints, exact resume, divergence."""
+"""The training loop: config, accumulation, checkpoints, exact resume, divergence."""
 
 from __future__ import annotations
 
@@ -15,16 +15,18 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_driver import CONTEXT, make_token_files, tiny_model_config
 
 from llm.checkpoint import (
-    STATE_FILE, CheckpointMismatch, checkpoint_name, latest_checkpoint, list_checkpoints,
+    STATE_FILE,
+    CheckpointMismatch,
+    checkpoint_name,
+    latest_checkpoint,
+    list_checkpoints,
 )
 from llm.model import GPT
-from llm.train import (
-    TrainConfig, TrainingDiverged, accumulation_steps, load_datasets, lr_at, peak_flops_of,
-    resolve_device, resolve_dtype, train,
-)
-from train_driver import CONTEXT, make_token_files, tiny_model_config
+from llm.step import TrainingDiverged
+from llm.train import TrainConfig, accumulation_steps, load_datasets, train
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = Path(__file__).with_name("train_driver.py")
@@ -80,28 +82,7 @@ def test_config_round_trips_through_a_plain_dict():
         TrainConfig.from_dict({"learning_rate": 1e-3})
 
 
-# --- schedule and optimizer ---------------------------------------------------------------------
-
-@pytest.mark.parametrize("decay", ["cosine", "linear"])
-def test_schedule_warms_up_linearly_then_decays_to_the_floor(decay):
-    config = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110, decay=decay)
-    lrs = [lr_at(step, config) for step in range(config.max_steps + 1)]
-    warmup, rest = lrs[:10], lrs[10:]
-    assert warmup == pytest.approx([1e-3 * (s + 1) / 10 for s in range(10)])
-    assert rest[0] == pytest.approx(1e-3)
-    assert all(a >= b for a, b in zip(rest, rest[1:]))                  # never rises after warmup
-    assert rest[50] == pytest.approx((1e-3 + 1e-4) / 2)                 # halfway down at mid-decay
-    assert rest[-1] == pytest.approx(1e-4) and min(lrs) >= 1e-4 - 1e-12  # ends on the floor
-    if decay == "cosine":   # cosine lingers near the top and the bottom; linear falls evenly
-        assert rest[10] > 1e-3 - 0.1 * 9e-4
-    else:
-        assert rest[10] == pytest.approx(1e-3 - 0.1 * 9e-4)
-
-
-def test_constant_schedule_holds_the_rate_after_warmup():
-    config = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=4, max_steps=20, decay="constant")
-    assert [lr_at(s, config) for s in range(4, 20)] == [1e-3] * 16
-
+# --- gradient accumulation ----------------------------------------------------------------------
 
 def test_accumulation_needs_a_whole_number_of_micro_batches():
     assert accumulation_steps(TrainConfig(batch_size=4, tokens_per_step=0), 32) == 1
@@ -126,26 +107,6 @@ def test_gradient_accumulation_matches_one_big_batch(data_dir, tmp_path):
     # become differences of a small fraction of lr (3e-3) in the weights: far below one update.
     for p, q in zip(model_a.parameters(), model_b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4)
-
-
-def test_device_and_precision_resolution():
-    assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
-    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
-    if not torch.cuda.is_available():
-        assert resolve_device("auto").type in ("cpu", "mps")
-        with pytest.raises(RuntimeError, match="device='cuda'"):
-            resolve_device("cuda")
-
-
-@pytest.mark.parametrize("name, peak", [
-    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
-    ("NVIDIA H200", 989e12), ("NVIDIA GH200 480GB", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
-    ("NVIDIA A100 80GB PCIe", 312e12), ("NVIDIA L4", 121e12), ("NVIDIA L40S", 362e12), ("NVIDIA A10", 125e12),
-    ("NVIDIA A10G", None), ("NVIDIA GeForce RTX 3090", None), ("Tesla V100-SXM2-16GB", None),
-])
-def test_peak_flops_table_knows_common_gpus_and_does_not_guess(name, peak):
-    assert peak_flops_of(name) == peak
 
 
 # --- the loop and its callbacks -----------------------------------------------------------------

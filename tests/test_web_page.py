@@ -137,7 +137,8 @@ def test_logit_lens_grid_and_config(page_after_generation, tmp_path):
     rows = page.locator("#lens-grid tr")
     assert rows.count() == 1 + N_LAYER + 1  # header, embeddings, one row per block
     assert page.locator("#lens-grid tr >> nth=1").locator("td").count() == n + 1
-    config = dict(page.eval_on_selector_all("#config tr", "rows => rows.map(r => [r.cells[0].textContent, r.cells[1].textContent])"))
+    config = dict(page.eval_on_selector_all(
+        "#config tr", "rows => rows.map(r => [r.cells[0].textContent, r.cells[1].textContent])"))
     assert config["n_layer"] == str(N_LAYER) and config["n_head"] == str(N_HEAD)
     assert page.inner_text("#model-name") == "tiny"
     page.screenshot(path=str(tmp_path / "page.png"), full_page=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llm.config import ConfigError, load_params
+from flows.params import ConfigError, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,7 @@
-"""Typed parameters, loaded from params.yaml and validated before any work starts.
+"""The pipeline's typed parameters, loaded from params.yaml and validated before any stage works.
+
+This schema is the pipeline's (stage sections, where stages run, MLflow names), not the library's:
+`llm` takes plain dataclasses, and each section here builds them (`.build()`).
 
 params.yaml has one section per pipeline stage plus `project`. Each section is a strict pydantic
 model: an unknown key, a wrong type or an impossible value stops the stage with a message that
@@ -20,9 +23,10 @@ from typing import Any, ClassVar, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from llm.model import PRESETS, ModelConfig
+from llm import sources
 from llm.classify import ClassifyConfig
 from llm.finetune import FinetuneConfig
+from llm.model import PRESETS, ModelConfig
 from llm.train import TrainConfig
 
 
@@ -34,6 +38,51 @@ class Strict(BaseModel):
     """Base of every params section: no unknown keys, no silent type coercion."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+# --- sections that mirror the library's own dataclasses -----------------------------------------
+
+def mirror(dataclass: type, *, optional: bool = False) -> type[BaseModel]:
+    """A strict params model with the fields, types and defaults of a library dataclass.
+
+    The dataclass stays the one definition (with its own value checks in __post_init__); this
+    adds what a params file needs: unknown keys and wrong types named before anything runs.
+    With optional=True every field defaults to None ("not set here").
+    """
+    hints = typing.get_type_hints(dataclass)
+    fields = {}
+    for f in dataclasses.fields(dataclass):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        else:  # a factory's value, or required (...) when the dataclass has no default either
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else ...
+        fields[f.name] = (Optional[hints[f.name]], None) if optional else (hints[f.name], default)
+    model = create_model(f"{dataclass.__name__}Params", __base__=_Mirror, **fields)
+    model.mirrored = dataclass
+    return model
+
+
+class _Mirror(Strict):
+    """What every mirror does: build its dataclass (fields a subclass adds stay out of it), and
+    refuse values the dataclass's own checks refuse, when the params are loaded."""
+
+    mirrored: ClassVar[type]
+
+    @model_validator(mode="after")
+    def _buildable(self):
+        self.build()
+        return self
+
+    def build(self, **changes: Any) -> Any:
+        names = {f.name for f in dataclasses.fields(self.mirrored)}
+        return _build(self.mirrored, {**self.model_dump(include=names), **changes})
+
+
+def _build(dataclass: type, values: dict) -> Any:
+    try:
+        return dataclass(**values)
+    except (TypeError, ValueError) as err:
+        raise ValueError(str(err)) from None
 
 
 # --- project -------------------------------------------------------------------------------
@@ -50,20 +99,13 @@ SCHEMES = ("pypi", "file", "https", "http", "hf")
 Role = Literal["pretrain", "tokenizer-eval", "classify", "instruct", "asset"]
 
 
-class Source(Strict):
-    """One raw data source: where it is, what it must hash to, and how to read records out of it."""
+class Source(mirror(sources.Source)):
+    """One raw data source (llm.sources.Source, built by `.build()`), with what params.yaml must
+    get right: a known role and scheme, a sha256 for anything downloaded."""
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
-    uri: str
     role: Role
-    sha256: Optional[str] = Field(None, pattern=r"^[0-9a-f]{64}$")  # archive (or folder tree) hash
-    sdist: bool = False            # pypi: take the source archive instead of the wheel
-    include: list[str] = []        # globs over paths inside the archive/folder; empty = all
-    exclude: list[str] = []
-    records: Optional[str] = None  # dotted path to the list of records inside a JSON document
-    fields: dict[str, str] = {}    # output field -> dotted path in the input record
-    labels: dict[str, str] = {}    # raw label value -> class name (classify)
-    licence: str = ""
+    sha256: Optional[str] = Field(None, pattern=r"^[0-9a-f]{64}$")
 
     @field_validator("uri")
     @classmethod
@@ -117,47 +159,7 @@ class PackParams(Strict):
     min_chars: int = Field(1, ge=1)                  # shorter documents are dropped and counted
 
 
-# --- sections mirrored from the library's own dataclasses ---------------------------------------
-
-def mirror(dataclass: type, *, optional: bool = False) -> type[BaseModel]:
-    """A strict params model with the fields, types and defaults of a library dataclass.
-
-    The dataclass stays the one definition (with its own value checks in __post_init__); this
-    adds what a params file needs: unknown keys and wrong types named before anything runs.
-    With optional=True every field defaults to None ("not set here").
-    """
-    hints = typing.get_type_hints(dataclass)
-    fields = {}
-    for f in dataclasses.fields(dataclass):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        fields[f.name] = (Optional[hints[f.name]], None) if optional else (hints[f.name], default)
-    model = create_model(f"{dataclass.__name__}Params", __base__=_Mirror, **fields)
-    model.mirrored = dataclass
-    return model
-
-
-class _Mirror(Strict):
-    """What every mirror does: build its dataclass (fields a subclass adds stay out of it), and
-    refuse values the dataclass's own checks refuse, when the params are loaded."""
-
-    mirrored: ClassVar[type]
-
-    @model_validator(mode="after")
-    def _buildable(self):
-        self.build()
-        return self
-
-    def build(self, **changes: Any) -> Any:
-        names = {f.name for f in dataclasses.fields(self.mirrored)}
-        return _build(self.mirrored, {**self.model_dump(include=names), **changes})
-
-
-def _build(dataclass: type, values: dict) -> Any:
-    try:
-        return dataclass(**values)
-    except (TypeError, ValueError) as err:
-        raise ValueError(str(err)) from None
-
+# --- model and stages that train -------------------------------------------------------------
 
 class ModelParams(mirror(ModelConfig, optional=True)):
     """A preset plus any fields to change: `{preset: tiny, n_layer: 6}`; depth resizes the preset
@@ -321,20 +323,3 @@ def _inner_model(annotation: Any) -> type[BaseModel]:
             continue
     raise TypeError(f"no model inside {annotation!r}")
 
-
-def flatten(section: BaseModel, prefix: str = "") -> dict[str, Any]:
-    """Dotted key -> scalar, for logging a section's params to MLflow."""
-    flat: dict[str, Any] = {}
-
-    def walk(value: Any, key: str) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(v, f"{key}.{k}" if key else str(k))
-        elif isinstance(value, list):
-            for i, v in enumerate(value):
-                walk(v, f"{key}.{i}")
-        else:
-            flat[key] = value
-
-    walk(section.model_dump(mode="json"), prefix)
-    return flat
