@@ -1,0 +1,159 @@
+"""The report of an experiment: curves per variant, final losses with the seed spread, the loss-curve
+diagnosis of every run and the one-sentence finding, as Markdown and as one self-contained HTML page
+(plots embedded as base64 PNG); and the index over all experiments.
+
+Plain logic and matplotlib: `write_report(folder, experiment, results)` reads nothing but the run
+results it is given (the dicts flows/experiments.py collects from each run's own metrics files).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from pathlib import Path
+
+from llm.experiments import Experiment, Summary, diverged_at, finding, summarize
+
+COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+           "#bcbd22", "#17becf"]
+
+
+def _figure_png(experiment: Experiment, results: list[dict], which: str) -> bytes:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=100)
+    styles = ["-", "--", ":", "-."]
+    for i, variant in enumerate(experiment.variants):
+        colour = COLOURS[i % len(COLOURS)]
+        mine = [r for r in results if r["variant"] == variant.key]
+        for j, r in enumerate(mine):
+            curve = [(s, v) for s, v in r.get(which, []) if v is not None and math.isfinite(v)]
+            if not curve:
+                continue
+            xs, ys = zip(*curve)
+            ax.plot(xs, ys, styles[j % len(styles)], color=colour, linewidth=1.2, alpha=0.85,
+                    label=f"{variant.label} (seed {r['seed']})")
+            where = diverged_at(r)
+            if where is not None and r.get("diverged"):
+                ax.plot([xs[-1]], [ys[-1]], "x", color=colour, markersize=9)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss" if which == "train" else "validation loss")
+    ax.set_title(f"{experiment.name}: {'train' if which == 'train' else 'validation'} loss")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7, ncol=2 if len(ax.lines) > 6 else 1)
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _fmt(x, digits: int = 3) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}" if math.isfinite(x) else str(x)
+    return f"{x:,}" if isinstance(x, int) else str(x)
+
+
+def _table(summaries: list[Summary]) -> list[list[str]]:
+    rows = [["variant", "runs", "diverged", "val loss (mean)", "± seed spread", "val losses per seed",
+             "train loss (mean)", "spikes", "parameters", "tokens/s"]]
+    for s in summaries:
+        rows.append([s.label + (" (baseline)" if s.baseline else ""), str(s.runs),
+                     "–" if not s.diverged else ", ".join(f"step {a:g}" for a, _ in s.diverged_at),
+                     _fmt(s.val_mean), _fmt(s.val_spread), ", ".join(_fmt(v) for v in s.val_loss) or "–",
+                     _fmt(sum(s.train_loss) / len(s.train_loss)) if s.train_loss else "–", str(s.spikes),
+                     _fmt(s.parameters), _fmt(s.tokens_per_s, 0)])
+    return rows
+
+
+def _diagnoses(experiment: Experiment, results: list[dict]) -> list[tuple[str, list[str]]]:
+    labels = {v.key: v.label for v in experiment.variants}
+    out = []
+    for r in sorted(results, key=lambda r: ([v.key for v in experiment.variants].index(r["variant"]), r["seed"])):
+        lines = []
+        if r.get("diverged"):
+            d = r["diverged"]
+            lines.append(f"stopped: the {d.get('what', 'loss')} became {d.get('value')} at step {d['step']}"
+                         + (f" (last finite loss {_fmt(d['last_loss'])})" if d.get("last_loss") is not None else ""))
+        lines += [f"[{f['severity']}] {f['kind']}: {f['message']}" for f in r.get("diagnosis", [])]
+        out.append((f"{labels.get(r['variant'], r['variant'])}, seed {r['seed']}", lines or ["nothing unusual"]))
+    return out
+
+
+def render(experiment: Experiment, results: list[dict]) -> dict:
+    """Everything the report says, as data: summaries, finding, plots (PNG bytes)."""
+    summaries = summarize(experiment, results)
+    return {"summaries": summaries, "finding": finding(experiment, summaries),
+            "plots": {"train": _figure_png(experiment, results, "train"), "val": _figure_png(experiment, results, "val")}}
+
+
+def write_report(folder: str | Path, experiment: Experiment, results: list[dict], *, command: str = "",
+                 wall_s: float | None = None) -> dict:
+    """Write report.md (+ train.png, val.png beside it) and report.html (plots embedded)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    r = render(experiment, results)
+    for name, png in r["plots"].items():
+        (folder / f"{name}.png").write_bytes(png)
+    rows = _table(r["summaries"])
+    runs_line = (f"{len(results)} runs ({len(experiment.variants)} variants x {len(experiment.seeds)} seeds)"
+                 + (f", {wall_s:.0f} s" if wall_s is not None else ""))
+    md = [f"# Experiment: {experiment.name}", "", f"**{experiment.question}**" if experiment.question else "", "",
+          f"**Finding:** {r['finding']}", "", runs_line + (f"; command: `{command}`" if command else ""), ""]
+    if experiment.note:
+        md += [f"_{experiment.note}_", ""]
+    md += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    md += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+    md += ["", "![train loss](train.png)", "", "![validation loss](val.png)", "", "## Loss-curve diagnosis per run", ""]
+    for title, lines in _diagnoses(experiment, results):
+        md.append(f"- **{title}**: " + " ".join(lines))
+    md += ["", "## What each variant sets", ""]
+    for v in experiment.variants:
+        changes = ", ".join(f"`{k}={val}`" for k, val in v.overrides.items()) or "the base configuration"
+        md.append(f"- {v.label}{' (baseline)' if v.baseline else ''}: {changes}")
+    (folder / "report.md").write_text("\n".join(md) + "\n")
+
+    e = html.escape
+    images = "".join(f'<img alt="{name} loss" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+                     for name, png in r["plots"].items())
+    table = "<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in rows[0]) + "</tr>" + "".join(
+        "<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows[1:]) + "</table>"
+    diagnoses = "<ul>" + "".join(f"<li><b>{e(t)}</b>: {e(' '.join(lines))}</li>"
+                                 for t, lines in _diagnoses(experiment, results)) + "</ul>"
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{e(experiment.name)}</title>{_STYLE}</head><body>"
+            f"<h1>Experiment: {e(experiment.name)}</h1><p><b>{e(experiment.question)}</b></p>"
+            f"<p class='finding'><b>Finding:</b> {e(r['finding'])}</p><p>{e(runs_line)}"
+            + (f"; command: <code>{e(command)}</code>" if command else "") + "</p>"
+            + (f"<p><i>{e(experiment.note)}</i></p>" if experiment.note else "")
+            + f"{table}{images}<h2>Loss-curve diagnosis per run</h2>{diagnoses}</body></html>")
+    (folder / "report.html").write_text(page)
+    return {"name": experiment.name, "finding": r["finding"], "runs": len(results),
+            "summaries": [s.as_dict() for s in r["summaries"]], "wall_s": wall_s}
+
+
+def write_index(folder: str | Path, entries: list[dict]) -> None:
+    """index.md and index.html: one line per experiment with its finding, linking its report."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    md = ["# Experiments", "", "| experiment | runs | finding |", "|---|---|---|"]
+    md += [f"| [{x['name']}]({x['name']}/report.md) | {x['runs']} | {x['finding']} |" for x in entries]
+    (folder / "index.md").write_text("\n".join(md) + "\n")
+    e = html.escape
+    rows = "".join(f"<tr><td><a href='{e(x['name'])}/report.html'>{e(x['name'])}</a></td><td>{x['runs']}</td>"
+                   f"<td>{e(x['finding'])}</td></tr>" for x in entries)
+    (folder / "index.html").write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>Experiments</title>{_STYLE}</head><body>"
+        f"<h1>Experiments</h1><table><tr><th>experiment</th><th>runs</th><th>finding</th></tr>{rows}</table>"
+        "</body></html>")
+
+
+_STYLE = ("<style>body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em}"
+          "table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ccc;padding:.25em .5em}"
+          "img{max-width:100%;display:block;margin:1em 0}.finding{background:#f3f6fb;padding:.6em}</style>")
