@@ -20,11 +20,11 @@ import typing
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from llm import sources
 from llm.classify import ClassifyConfig
+from llm.files import read_yaml
 from llm.finetune import FinetuneConfig
 from llm.model import PRESETS, ModelConfig
 from llm.train import TrainConfig
@@ -272,12 +272,7 @@ class Params(Strict):
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate params.yaml; raise ConfigError with a readable message on any problem."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: not found (run from the repository root)") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    raw = read_yaml(path, ConfigError, " (run from the repository root)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     try:

@@ -29,7 +29,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-import yaml
+from llm.files import read_yaml
 
 PREFIX = "pretrain."     # every override is a pretrain-stage param
 MEASURES = ("val_loss", "gap", "early_loss", "speed")
@@ -86,14 +86,7 @@ def slug(text: str) -> str:
 
 
 def load_catalogue(path: str | Path = "experiments.yaml") -> Catalogue:
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise CatalogueError(f"{path}: not found") from None
-    except yaml.YAMLError as err:
-        raise CatalogueError(f"{path}: not valid YAML: {err}") from None
-    return parse_catalogue(raw, str(path))
+    return parse_catalogue(read_yaml(path, CatalogueError), str(path))
 
 
 def parse_catalogue(raw: Any, where: str = "experiments.yaml") -> Catalogue:

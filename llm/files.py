@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+import yaml
+
 _CHUNK = 1 << 20
 
 
@@ -89,3 +91,14 @@ def write_json(path: str | Path, data: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def read_yaml(path: str | Path, error: type[Exception], missing_hint: str = "") -> Any:
+    """A YAML file's contents; a missing or malformed file raises `error` naming the file."""
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{path}: not found{missing_hint}") from None
+    except yaml.YAMLError as err:
+        raise error(f"{path}: not valid YAML: {err}") from None
