@@ -431,6 +431,15 @@ def stream(model: GPT | Engine, prompts: Seq[Seq[int]] | torch.Tensor, max_new_t
     Everything is checked here, before the first step. Pass an Engine to reuse its weight
     layout (each call decodes in a cache of its own, so streams may interleave).
     """
+    return _steps(*_prepare(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            stop_token_ids=stop_token_ids, seed=seed, logprobs=logprobs,
+                            top_logprobs=top_logprobs, truncate_prompt=truncate_prompt))
+
+
+def _prepare(model: GPT | Engine, prompts, max_new_tokens: int, *, temperature=0.0, top_k=None, top_p=None,
+             stop_token_ids=(), seed=None, logprobs=False, top_logprobs=0,
+             truncate_prompt=False) -> tuple[Engine, list[list[int]], Sampling]:
+    """stream's options checked: a fresh engine, the prompts as they will be decoded, the sampling."""
     decoding = model.model if isinstance(model, Engine) else for_decoding(model)
     config = decoding.config
     sampling = Sampling(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
@@ -440,8 +449,7 @@ def stream(model: GPT | Engine, prompts: Seq[Seq[int]] | torch.Tensor, max_new_t
         raise ValueError("top_p must be in (0, 1] or None, got 0.0")
     sampling.check(config.vocab_size)
     prompts = _check_prompts(prompts, config, max_new_tokens, truncate_prompt)
-    engine = Engine(decoding, max_batch_size=len(prompts), seed=seed)
-    return _steps(engine, prompts, sampling)
+    return Engine(decoding, max_batch_size=len(prompts), seed=seed), prompts, sampling
 
 
 def _steps(engine: Engine, prompts: list[list[int]], sampling: Sampling) -> Iterator[Step]:
@@ -466,14 +474,12 @@ def _steps(engine: Engine, prompts: list[list[int]], sampling: Sampling) -> Iter
 
 def generate(model: GPT | Engine, prompts, max_new_tokens: int = 256, **options) -> list[Completion]:
     """Run `stream` to the end; one Completion per prompt. Same options as stream."""
-    steps = stream(model, prompts, max_new_tokens, **options)
-    prompts = _check_prompts(prompts, (model.model if isinstance(model, Engine) else model).config,
-                             max_new_tokens, options.get("truncate_prompt", False))
-    want_lp, want_top = options.get("logprobs", False), options.get("top_logprobs", 0) > 0
+    engine, prompts, sampling = _prepare(model, prompts, max_new_tokens, **options)
+    want_lp, want_top = sampling.logprobs, sampling.top_logprobs > 0
     done = [Completion(tokens=[], finish_reason="", prompt_tokens=len(p),
                        logprobs=[] if want_lp else None, top_logprobs=[] if want_top else None)
             for p in prompts]
-    for step in steps:
+    for step in _steps(engine, prompts, sampling):
         for row, token in enumerate(step.tokens):
             if token is not None:
                 done[row].tokens.append(token)
