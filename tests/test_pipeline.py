@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from llm.checkpoint import load_checkpoint
 from llm.classify import Classifier
 from llm.data import TokenDataset
-from llm.tokenizer import load_tokenizer
+from llm.tokenizer import load_tokenizer, load_tokenizers
 
 import sample_sources as samples
 from conftest import dvc, stage_env
@@ -35,6 +35,7 @@ def test_tiny_pipeline_end_to_end(pipeline_repo, prefect_api, judge_gguf, tmp_pa
     metrics = json.loads((repo / "data/tokenizer/metrics.json").read_text())
     compared = {key.split(".")[0] for key in metrics["comparison"]}
     assert compared == {"bpe", "unigram", "char", "bpe-en-ar"}
+    assert set(load_tokenizers(repo / "data/tokenizer/comparison")) == compared  # for the server's side-by-side view
     # A BPE that saw Arabic spends fewer tokens on it than one trained on English only.
     assert metrics["language_cost"]["bpe-en-ar"]["ar_over_en"] < metrics["language_cost"]["bpe"]["ar_over_en"]
     assert (repo / "data/tokenizer/comparison.png").stat().st_size > 1000
