@@ -29,7 +29,7 @@ class Limits:
     introspect_max_top_k: int = 0       # 0 = the vocabulary size
     introspect_max_values: int = 1_048_576   # numbers in one answer's biggest table (see serving/introspection.py)
     introspect_queue: int = 16          # introspection requests in flight; more get 429
-    patching_max_token_passes: int = 65_536  # activation patching: (layers + 1) x tokens^2 (serving/explain.py)
+    patching_max_token_passes: int = 32_768  # activation patching: (layers + 1) x tokens^2 (~6 s for "tiny" on 1 thread)
     stream_interval: float = 0.05       # seconds between a stream's updates from the engine (first token: at once)
 
 

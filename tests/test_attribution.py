@@ -19,6 +19,7 @@ SHAPES = {
                                          vocab_size=50, context_length=16),
     "untied-qknorm": ModelConfig.from_preset("tiny", **GPT2_STYLE, tie_embeddings=False, qk_norm=True),
 }
+POST_NORM = ModelConfig.from_preset("tiny", **GPT2_STYLE, norm_placement="post")  # patching only
 IDS = [3, 17, 8, 42, 5, 9, 11]
 
 
@@ -121,7 +122,7 @@ def test_the_mlp_and_embedding_contributions_match_a_hand_recomputation():
 
 
 def test_post_norm_models_are_refused_and_bad_targets_named():
-    post = GPT(ModelConfig.from_preset("tiny", **GPT2_STYLE, norm_placement="post"))
+    post = GPT(POST_NORM)
     with pytest.raises(ValueError, match="pre-norm"):
         direct_logit_attribution(post, IDS)
     model = trained_looking(SHAPES["gpt2"])
@@ -147,9 +148,9 @@ def test_patching_a_prompt_with_itself_changes_nothing():
         assert all(r is None for r in layer["restored"])
 
 
-@pytest.mark.parametrize("shape", ["gpt2", "llama-gqa"])
+@pytest.mark.parametrize("shape", ["gpt2", "llama-gqa", "post-norm"])
 def test_patching_a_whole_layer_restores_the_clean_logits(shape):
-    model = trained_looking(SHAPES[shape])
+    model = trained_looking(SHAPES.get(shape, POST_NORM))
     with torch.no_grad():
         clean = model(torch.tensor([CLEAN])).logits[0, -1]
         corrupted = model(torch.tensor([CORRUPTED])).logits[0, -1]
