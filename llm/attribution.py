@@ -51,15 +51,17 @@ def _hooks(*handles):
             handle.remove()
 
 
-def _capture_writes(model: GPT) -> tuple[list, list, contextlib.AbstractContextManager]:
-    """Per block: the heads' outputs before the output projection (B, T, H*D) and the MLP's output
-    (B, T, C), filled during the next forward pass inside the returned context."""
-    heads, mlps = [], []
+def _capture_writes(model: GPT) -> tuple[list, list, list, contextlib.AbstractContextManager]:
+    """Per block: the query/key/value projection (B, T, (H + 2 Hkv) * D), the heads' outputs before
+    the output projection (B, T, H*D) and the MLP's output (B, T, C), filled during the next
+    forward pass inside the returned context."""
+    qkvs, heads, mlps = [], [], []
     handles = []
     for block in model.blocks:
+        handles.append(block.attn.qkv.register_forward_hook(lambda module, args, out: qkvs.append(out)))
         handles.append(block.attn.proj.register_forward_pre_hook(lambda module, args: heads.append(args[0])))
         handles.append(block.mlp.register_forward_hook(lambda module, args, out: mlps.append(out)))
-    return heads, mlps, _hooks(*handles)
+    return qkvs, heads, mlps, _hooks(*handles)
 
 
 def _residual_module(model: GPT, layer: int) -> nn.Module:
@@ -79,13 +81,14 @@ def _overwrite_residual(model: GPT, layer: int, edit: Callable[[torch.Tensor], N
 # --- direct logit attribution -------------------------------------------------------------------
 
 def _final_norm_readout(model: GPT, x: torch.Tensor, target: int) -> tuple[Callable, float, float, str]:
-    """For the final residual x (C,): contribution(c), the frozen scale s, the bias term, the norm kind."""
+    """For the final residual x (C,): read(c) (writes (..., C) -> their contributions (...)), the
+    frozen scale s, the bias term, the norm kind."""
     norm = model.final_norm
     w_u = model.lm_head.weight[target].double()
     x = x.double()
     if isinstance(norm, nn.LayerNorm):
         scale = torch.sqrt(x.var(unbiased=False) + norm.eps)
-        centre = lambda c: c - c.mean()  # noqa: E731
+        centre = lambda c: c - c.mean(dim=-1, keepdim=True)  # noqa: E731
         kind = "layernorm"
     elif isinstance(norm, nn.RMSNorm):
         eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
@@ -99,7 +102,7 @@ def _final_norm_readout(model: GPT, x: torch.Tensor, target: int) -> tuple[Calla
     direction = w_u * gain / scale
     bias = getattr(norm, "bias", None)
     bias_term = float(w_u @ bias.double()) if bias is not None else 0.0
-    return (lambda c: float(direction @ centre(c.double()))), float(scale), bias_term, kind
+    return (lambda c: centre(c.double()) @ direction), float(scale), bias_term, kind
 
 
 def direct_logit_attribution(model: GPT, token_ids: Sequence[int], decode_token: DecodeToken = str, *,
@@ -110,15 +113,17 @@ def direct_logit_attribution(model: GPT, token_ids: Sequence[int], decode_token:
 
         {"position", "target": {"id", "text"}, "logit", "bias_term", "sum",
          "final_norm": {"kind", "scale"}, "embeddings": {"token", "position" (learned only)},
-         "layers": [{"layer", "heads": [per head], "attention_bias", "mlp"}],
+         "layers": [{"layer", "heads": [per head], "sources": [per head, per source position
+                     0..position: the part of the head's contribution read from that token],
+                     "attention_bias", "mlp"}],
          "top": top-k predictions at the position [{"id", "text", "logit", "prob"}]}
 
     where sum = every contribution added up = logit - bias_term (see the module docstring)."""
     ids = [int(t) for t in token_ids]
     config = model.config
-    heads, mlps, capturing = _capture_writes(model)
+    qkvs, heads, mlps, capturing = _capture_writes(model)
     with capturing:
-        output = _run(model, ids, attention=False, hidden=True)
+        output = _run(model, ids, attention=True, hidden=True)
     if not -len(ids) <= position < len(ids):
         raise ValueError(f"position {position} is outside the {len(ids)} tokens")
     position %= len(ids)
@@ -129,19 +134,26 @@ def direct_logit_attribution(model: GPT, token_ids: Sequence[int], decode_token:
         raise ValueError(f"target token {target} is outside the vocabulary [0, {config.vocab_size})")
     r = (lambda v: v) if digits is None else (lambda v: round(v, digits))
     with _evaluating(model):
-        contribution, scale, bias_term, kind = _final_norm_readout(model, output.hidden_states[-1][0, position], target)
-        embeddings = {"token": contribution(model.tok_emb.weight[ids[position]])}
+        read, scale, bias_term, kind = _final_norm_readout(model, output.hidden_states[-1][0, position], target)
+        embeddings = {"token": float(read(model.tok_emb.weight[ids[position]]))}
         if config.position == "learned":
-            embeddings["position"] = contribution(model.pos_emb.weight[position])
+            embeddings["position"] = float(read(model.pos_emb.weight[position]))
         layers = []
-        D = config.head_dim
+        H, Hkv, D = config.n_head, config.n_kv_head, config.head_dim
         for i, block in enumerate(model.blocks):
-            y, w_o = heads[i][0, position], block.attn.proj.weight     # (H*D,), (C, H*D)
-            per_head = [contribution(w_o[:, h * D:(h + 1) * D] @ y[h * D:(h + 1) * D]) for h in range(config.n_head)]
+            w_o = block.attn.proj.weight.view(-1, H, D)                      # (C, H, D): head h's slice of W_O
+            y = heads[i][0, position].view(H, D)                             # each head's output here
+            per_head = read(torch.einsum("chd,hd->hc", w_o, y))              # (H,)
+            # A head's output is its attention-weighted sum of value vectors, so its contribution
+            # splits exactly over the positions it read from: p[position, k] * read(W_O_h v_h[k]).
+            values = qkvs[i][0].view(len(ids), H + 2 * Hkv, D)[:position + 1, H + Hkv:]   # (k, Hkv, D)
+            values = values.repeat_interleave(H // Hkv, dim=1)                 # query head h reads kv head h // group
+            probs = output.attentions[i][0, :, position, :position + 1].double()   # (H, k)
+            sources = probs * read(torch.einsum("chd,khd->hkc", w_o, values))  # (H, k)
             attn_bias = block.attn.proj.bias
-            layers.append({"layer": i, "heads": per_head,
-                           "attention_bias": contribution(attn_bias) if attn_bias is not None else 0.0,
-                           "mlp": contribution(mlps[i][0, position])})
+            layers.append({"layer": i, "heads": per_head.tolist(), "sources": sources.tolist(),
+                           "attention_bias": float(read(attn_bias)) if attn_bias is not None else 0.0,
+                           "mlp": float(read(mlps[i][0, position]))})
     total = sum(embeddings.values()) + sum(sum(la["heads"]) + la["attention_bias"] + la["mlp"] for la in layers)
     best = logits.topk(min(top_k, logits.numel()))
     probs = logits.softmax(-1)
@@ -152,6 +164,7 @@ def direct_logit_attribution(model: GPT, token_ids: Sequence[int], decode_token:
         "final_norm": {"kind": kind, "scale": r(scale)},
         "embeddings": {k: r(v) for k, v in embeddings.items()},
         "layers": [{"layer": la["layer"], "heads": [r(v) for v in la["heads"]],
+                    "sources": [[r(v) for v in head] for head in la["sources"]],
                     "attention_bias": r(la["attention_bias"]), "mlp": r(la["mlp"])} for la in layers],
         "top": [{"id": i, "text": decode_token(i), "logit": r(float(logits[i])), "prob": r(float(probs[i]))}
                 for i in best.indices.tolist()],

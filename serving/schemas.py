@@ -435,6 +435,8 @@ class FinalNorm(Loose):
 class LayerAttribution(Loose):
     layer: int
     heads: list[float] = Field(description="Each attention head's direct contribution to the target's logit.")
+    sources: list[list[float]] = Field(description="sources[h][k]: the part of head h's contribution it read "
+                                                   "from position k (its attention weight times its value).")
     attention_bias: float = Field(description="The attention output projection's bias (0 without biases).")
     mlp: float
 

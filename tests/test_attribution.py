@@ -51,6 +51,10 @@ def test_contributions_sum_to_the_logit_minus_the_final_norm_bias(shape):
             sum(layer["heads"]) + layer["attention_bias"] + layer["mlp"] for layer in result["layers"])
         assert math.isclose(parts, result["sum"], abs_tol=1e-9)
         assert abs(result["sum"] - (result["logit"] - result["bias_term"])) < 1e-4
+        for layer in result["layers"]:  # each head's part splits over the positions it read from
+            assert [len(s) for s in layer["sources"]] == [result["position"] + 1] * model.config.n_head
+            for total, sources in zip(layer["heads"], layer["sources"]):
+                assert math.isclose(sum(sources), total, abs_tol=1e-6)
         if shape.startswith("llama"):  # RMSNorm has no bias: the contributions are the whole logit
             assert result["bias_term"] == 0 and "position" not in result["embeddings"]
         else:
@@ -114,11 +118,22 @@ def test_the_mlp_and_embedding_contributions_match_a_hand_recomputation():
         read = lambda c: float(direction @ (c.double() - c.double().mean()))  # noqa: E731
         assert math.isclose(result["embeddings"]["token"], read(model.tok_emb.weight[IDS[p]]), rel_tol=1e-6)
         assert math.isclose(result["embeddings"]["position"], read(model.pos_emb.weight[p]), rel_tol=1e-6)
+        H, D, C = model.config.n_head, model.config.head_dim, model.config.d_model
         for layer, block in enumerate(model.blocks):
             x = hidden[layer]
             after_attention = x + block.attn(block.norm1(x), None, None, False)[0]
             mlp = block.mlp(block.norm2(after_attention))[0, p]
             assert math.isclose(result["layers"][layer]["mlp"], read(mlp), rel_tol=1e-4, abs_tol=1e-6)
+            # Head h read from position k: its attention weight times its value vector, through W_O.
+            qkv = block.attn.qkv(block.norm1(x))[0]                          # (T, 3C)
+            q, k, v = qkv[:, :C], qkv[:, C:2 * C], qkv[:, 2 * C:]
+            for h in range(H):
+                cols = slice(h * D, (h + 1) * D)
+                scores = (q[p, cols] @ k[:p + 1, cols].T) / math.sqrt(D)
+                weights = scores.softmax(-1)
+                for src in range(p + 1):
+                    by_hand = float(weights[src]) * read(block.attn.proj.weight[:, cols] @ v[src, cols])
+                    assert math.isclose(result["layers"][layer]["sources"][h][src], by_hand, rel_tol=1e-4, abs_tol=1e-6)
 
 
 def test_post_norm_models_are_refused_and_bad_targets_named():

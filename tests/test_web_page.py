@@ -186,6 +186,11 @@ def test_why_this_token_attribution_and_patching_views(page_after_generation, se
     layer = truth["layers"][0]
     assert first == [f"{v:.3f}" for v in [*layer["heads"], layer["attention_bias"], layer["mlp"]]]
     assert float(page.get_attribute("#why-summary", "data-sum")) == truth["sum"]
+    # A head's cell opens what it read: one value per prompt token, adding up to the head's part.
+    page.click("#why-grid tr[data-layer='1'] td.head-cell[data-head='2']")
+    page.wait_for_selector("#why-sources[data-head='2'] .source")
+    shown = page.eval_on_selector_all("#why-sources .source", "spans => spans.map(s => Number(s.dataset.value))")
+    assert shown == truth["layers"][1]["sources"][2] and len(shown) == len(prompt)
     # Another candidate: the view explains that token instead.
     other = page.locator("#why-top .chip >> nth=1")
     other_id = other.get_attribute("data-id")

@@ -123,7 +123,15 @@ function drawAttribution(result) {
   const header = row(["", ...Array.from({ length: nHead }, (_, h) => `head ${h}`), "attn bias", "MLP"], "th");
   const rows = result.layers.map((l) => {
     const tr = row([`block ${l.layer}`]);
-    for (const v of [...l.heads, l.attention_bias, l.mlp]) tr.append(valueCell(v, scale));
+    l.heads.forEach((v, h) => {
+      const td = valueCell(v, scale);
+      td.classList.add("head-cell");
+      td.dataset.head = h;
+      td.title = "click: which tokens this head read from";
+      td.addEventListener("click", () => drawSources(l.layer, h));
+      tr.append(td);
+    });
+    for (const v of [l.attention_bias, l.mlp]) tr.append(valueCell(v, scale));
     tr.dataset.layer = l.layer;
     return tr;
   });
@@ -136,6 +144,26 @@ function drawAttribution(result) {
   });
   $("why-embeddings").replaceChildren("embeddings: ", ...parts);
   $("why-method").textContent = result.method;
+  $("why-sources").replaceChildren();
+}
+
+// A head's contribution, split over the prompt's tokens it read from (attention weight x value).
+function drawSources(layer, head) {
+  const result = inspect.attribution;
+  const sources = result.layers[layer].sources[head];
+  const scale = Math.max(...sources.map(Math.abs));
+  const spans = sources.map((v, k) => {
+    const span = element("span", "source", result.tokens[k].text.replace(/\n/g, "↵"));
+    span.style.background = signedColour(v, scale);
+    span.title = v.toFixed(4);
+    span.dataset.value = v;
+    return span;
+  });
+  const title = element("div", "hint", `Block ${layer}, head ${head}: its ${result.layers[layer].heads[head].toFixed(3)}, ` +
+                                         "by the token it read (blue pushed the token up, red down):");
+  $("why-sources").dataset.layer = layer;
+  $("why-sources").dataset.head = head;
+  $("why-sources").replaceChildren(title, ...spans);
 }
 
 async function explain(target) {
