@@ -51,17 +51,26 @@ def _hooks(*handles):
             handle.remove()
 
 
-def _capture_writes(model: GPT) -> tuple[list, list, list, contextlib.AbstractContextManager]:
-    """Per block: the query/key/value projection (B, T, (H + 2 Hkv) * D), the heads' outputs before
-    the output projection (B, T, H*D) and the MLP's output (B, T, C), filled during the next
-    forward pass inside the returned context."""
-    qkvs, heads, mlps = [], [], []
+def _capture_writes(model: GPT, position: int) -> tuple[list, list, list, list, contextlib.AbstractContextManager]:
+    """Per block, during the next forward pass inside the returned context: the query/key/value
+    projection (B, T, (H + 2 Hkv) * D), the attention weights of the query at `position` (H, T),
+    the heads' outputs before the output projection (B, T, H*D) and the MLP's output (B, T, C).
+    Only the one row of each attention map is kept: the block's full (H, T, T) map is dropped as
+    soon as it is made, so a long prompt costs one map at a time, not one per layer."""
+    qkvs, reads, heads, mlps = [], [], [], []
+
+    def keep_one_row(module, args, out):
+        x, probs = out
+        reads.append(probs[0, :, position])
+        return x, None
+
     handles = []
     for block in model.blocks:
         handles.append(block.attn.qkv.register_forward_hook(lambda module, args, out: qkvs.append(out)))
         handles.append(block.attn.proj.register_forward_pre_hook(lambda module, args: heads.append(args[0])))
         handles.append(block.mlp.register_forward_hook(lambda module, args, out: mlps.append(out)))
-    return qkvs, heads, mlps, _hooks(*handles)
+        handles.append(block.register_forward_hook(keep_one_row))
+    return qkvs, reads, heads, mlps, _hooks(*handles)
 
 
 def _residual_module(model: GPT, layer: int) -> nn.Module:
@@ -121,12 +130,12 @@ def direct_logit_attribution(model: GPT, token_ids: Sequence[int], decode_token:
     where sum = every contribution added up = logit - bias_term (see the module docstring)."""
     ids = [int(t) for t in token_ids]
     config = model.config
-    qkvs, heads, mlps, capturing = _capture_writes(model)
-    with capturing:
-        output = _run(model, ids, attention=True, hidden=True)
     if not -len(ids) <= position < len(ids):
         raise ValueError(f"position {position} is outside the {len(ids)} tokens")
     position %= len(ids)
+    qkvs, reads, heads, mlps, capturing = _capture_writes(model, position)
+    with capturing:
+        output = _run(model, ids, attention=True, hidden=True)
     logits = output.logits[0, position].float()
     if target is None:
         target = int(logits.argmax())
@@ -148,7 +157,7 @@ def direct_logit_attribution(model: GPT, token_ids: Sequence[int], decode_token:
             # splits exactly over the positions it read from: p[position, k] * read(W_O_h v_h[k]).
             values = qkvs[i][0].view(len(ids), H + 2 * Hkv, D)[:position + 1, H + Hkv:]   # (k, Hkv, D)
             values = values.repeat_interleave(H // Hkv, dim=1)                 # query head h reads kv head h // group
-            probs = output.attentions[i][0, :, position, :position + 1].double()   # (H, k)
+            probs = reads[i][:, :position + 1].double()                       # (H, k)
             sources = probs * read(torch.einsum("chd,khd->hkc", w_o, values))  # (H, k)
             attn_bias = block.attn.proj.bias
             layers.append({"layer": i, "heads": per_head.tolist(), "sources": sources.tolist(),
