@@ -1,6 +1,8 @@
 // The inspect views, top to bottom: the architecture diagram (GET /v1/architecture), "why this
 // token?" (POST /v1/attribution and /v1/patching) and tokenizers side by side
 // (POST /v1/tokenizers/compare). Loaded after page.js, whose helpers it uses: $, post, row.
+// One function scope: nothing here becomes a global that could clash with page.js's.
+(() => {
 "use strict";
 
 const inspect = { attribution: null };
@@ -264,3 +266,4 @@ window.addEventListener("DOMContentLoaded", () => {
   loadArchitecture().catch((error) => { $("arch-totals").textContent = error.message; });
   compareTokenizers().catch(failed("compare-status"));
 });
+})();
