@@ -45,18 +45,19 @@ import yaml
 import flows  # noqa: F401  (environment defaults)
 from flows.params import Params, _describe
 from llm.diagnose import diagnose
-from llm.experiment_report import write_index, write_report
+from llm.experiment_report import write_index, write_measurement_report, write_report
 from llm.experiments import (
     Catalogue,
     CatalogueError,
     Experiment,
+    Measurement,
     Variant,
     apply_overrides,
     load_catalogue,
     run_name,
     run_overrides,
 )
-from llm.files import read_json, write_json
+from llm.files import read_json, read_yaml, write_json
 
 WORKSPACE = Path(".cache/experiments/workspace")
 OUT = Path("data/experiments")
@@ -112,6 +113,8 @@ def plan(catalogue: Catalogue, raw_params: dict, experiments: list[Experiment]) 
     """Every run of the chosen experiments, validated; raises ExperimentError naming the culprit."""
     runs = []
     for experiment in experiments:
+        if isinstance(experiment, Measurement):   # a benchmark run: nothing to train or validate
+            continue
         pretrain_of = {}
         for variant in experiment.variants:
             where = f"{catalogue.path}: {experiment.name} / {variant.label}"
@@ -136,10 +139,10 @@ def plan(catalogue: Catalogue, raw_params: dict, experiments: list[Experiment]) 
     return runs
 
 
-def estimate_seconds(runs: list[PlannedRun]) -> float:
+def estimate_seconds(runs: list[PlannedRun], experiment: Experiment | Measurement | None = None) -> float:
     from llm.model import num_params
 
-    total = 0.0
+    total = experiment.estimate_s if isinstance(experiment, Measurement) else 0.0
     for r in runs:
         config = r.params.pretrain.model.build()
         if r.params.pretrain.model.vocab_size is None:
@@ -238,7 +241,7 @@ def prepare_data(ws: Path, env: dict, log) -> None:
 
 # --- MLflow: one parent run per experiment --------------------------------------------------------
 
-def mlflow_parent(params: Params, experiment: Experiment, root: Path) -> tuple[str, str]:
+def mlflow_parent(params: Params, experiment: Experiment | Measurement, root: Path) -> tuple[str, str]:
     """(parent run id, pipeline-run id): stages run with that id nest under the parent."""
     from mlflow.tracking import MlflowClient
 
@@ -413,13 +416,57 @@ def run_experiment(experiment: Experiment, runs: list[PlannedRun], root: Path, w
     return entry
 
 
+def run_measurement(measurement: Measurement, raw_params: dict, root: Path, env: dict, log, command: str) -> dict:
+    """One run of the measurement's bench script (kept and reused while its arguments and code are
+    the same), its report, and an MLflow parent run holding the fitted figures and the report."""
+    folder = OUT / measurement.name
+    result_path = folder / "result.json"
+    code = hashlib.sha256()
+    for name in (measurement.script, "llm/model.py", "bench/report.py"):
+        code.update((root / name).read_bytes())
+    key = hashlib.sha256(json.dumps([measurement.args, code.hexdigest()]).encode()).hexdigest()[:16]
+    started = time.time()
+    result = read_json(result_path) if result_path.exists() else None
+    if result is not None and result.get("key") == key:
+        log(f"{measurement.name}: kept from earlier ({result_path})")
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / "result.json.tmp"
+        bench = [sys.executable, measurement.script, *measurement.args, "--out", str(partial)]
+        log(f"{measurement.name}: {' '.join(bench[1:])}")
+        done = subprocess.run(bench, cwd=root, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ExperimentError(f"{measurement.name}: `{' '.join(bench[1:])}` failed ({done.returncode}):\n"
+                                  f"{done.stderr[-3000:]}")
+        result = {**read_json(partial), "key": key}
+        write_json(result_path, result)
+        partial.unlink()
+    entry = write_measurement_report(folder, measurement, result, command=command, wall_s=time.time() - started)
+    params = validate_params(raw_params, {}, "params.yaml")
+    parent_id, _ = mlflow_parent(params, measurement, root)
+    from mlflow.tracking import MlflowClient
+
+    from flows.environment import mlflow_tracking_uri
+    client = MlflowClient(mlflow_tracking_uri(root))
+    for path, fit in result["fit"].items():
+        for name, value in fit.items():
+            if isinstance(value, float):
+                client.log_metric(parent_id, f"{path}.{name}", value)
+    for path, length in result["out_of_memory_at"].items():
+        if length is not None:
+            client.log_metric(parent_id, f"{path}.out_of_memory_at", length)
+    client.log_artifacts(parent_id, str(folder), "report")
+    write_json(folder / "summary.json", entry)
+    return entry
+
+
 def experiments_flow_impl(names: list[str], catalogue_path: str, params_path: str, command: str) -> list[dict]:
     from prefect.logging import get_run_logger
 
     logger = get_run_logger()
     root = Path.cwd()
     catalogue = load_catalogue(catalogue_path)
-    raw = yaml.safe_load(Path(params_path).read_text())
+    raw = read_yaml(params_path, ExperimentError)
     chosen = catalogue.select(names)
     runs = plan(catalogue, raw, chosen)
     code = code_fingerprint(root)
@@ -436,8 +483,11 @@ def experiments_flow_impl(names: list[str], catalogue_path: str, params_path: st
         prepare_data(ws, env, logger.info)
     entries = []
     for experiment in chosen:
-        mine = [r for r in runs if r.experiment is experiment]
-        entries.append(run_experiment(experiment, mine, root, ws, env, logger.info, command))
+        if isinstance(experiment, Measurement):
+            entries.append(run_measurement(experiment, raw, root, env, logger.info, command))
+        else:
+            mine = [r for r in runs if r.experiment is experiment]
+            entries.append(run_experiment(experiment, mine, root, ws, env, logger.info, command))
         logger.info(f"{experiment.name}: {entries[-1]['finding']}")
     # the index covers every experiment with a report, not only this invocation's
     index = []
@@ -476,21 +526,23 @@ def main(argv: list[str] | None = None) -> None:
         if not (args.names or args.all or args.list):
             parser.error("name an experiment, or use --all or --list; known: " + ", ".join(catalogue.experiments))
         chosen = catalogue.select(args.names)
-        raw = yaml.safe_load(Path(args.params).read_text())
+        raw = read_yaml(args.params, ExperimentError)
         runs = plan(catalogue, raw, chosen)
     except (CatalogueError, ExperimentError, OSError) as err:
         sys.exit(f"error: {err}")
+    count = len(runs) + sum(isinstance(e, Measurement) for e in chosen)   # a measurement is one run
     if args.list:
         total = 0.0
         for experiment in chosen:
-            seconds = estimate_seconds([r for r in runs if r.experiment is experiment])
+            seconds = estimate_seconds([r for r in runs if r.experiment is experiment], experiment)
             total += seconds
-            print(f"{experiment.name:16s} {len(experiment.runs()):3d} runs  ~{seconds / 60:5.1f} min  {experiment.question}")
-        print(f"{'all' if not args.names else 'these':16s} {len(runs):3d} runs  ~{total / 60:5.1f} min "
+            print(f"{experiment.name:16s} {max(1, len(experiment.runs())):3d} runs  ~{seconds / 60:5.1f} min  "
+                  f"{experiment.question}")
+        print(f"{'all' if not args.names else 'these':16s} {count:3d} runs  ~{total / 60:5.1f} min "
               "(estimated for 2 CPU cores; finished runs are reused)")
         return
     if args.check:
-        print(f"ok: {len(chosen)} experiments, {len(runs)} runs")
+        print(f"ok: {len(chosen)} experiments, {count} runs")
         return
     if not args.no_server and "PREFECT_API_URL" not in os.environ:
         from flows import servers

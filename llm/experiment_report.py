@@ -14,7 +14,7 @@ import io
 import math
 from pathlib import Path
 
-from llm.experiments import Experiment, Summary, diverged_at, finding, summarize
+from llm.experiments import Experiment, Measurement, Summary, attention_cost_finding, diverged_at, finding, summarize
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf"]
@@ -73,6 +73,17 @@ def _table(summaries: list[Summary]) -> list[list[str]]:
     return rows
 
 
+def _markdown_table(rows: list[list[str]]) -> list[str]:
+    return (["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+            + ["| " + " | ".join(row) + " |" for row in rows[1:]])
+
+
+def _html_table(rows: list[list[str]]) -> str:
+    e = html.escape
+    return ("<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in rows[0]) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows[1:]) + "</table>")
+
+
 def _diagnoses(experiment: Experiment, results: list[dict]) -> list[tuple[str, list[str]]]:
     labels = {v.key: v.label for v in experiment.variants}
     out = []
@@ -109,8 +120,7 @@ def write_report(folder: str | Path, experiment: Experiment, results: list[dict]
           f"**Finding:** {r['finding']}", "", runs_line + (f"; command: `{command}`" if command else ""), ""]
     if experiment.note:
         md += [f"_{experiment.note}_", ""]
-    md += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    md += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+    md += _markdown_table(rows)
     md += ["", "![train loss](train.png)", "", "![validation loss](val.png)", "", "## Loss-curve diagnosis per run", ""]
     for title, lines in _diagnoses(experiment, results):
         md.append(f"- **{title}**: " + " ".join(lines))
@@ -123,8 +133,7 @@ def write_report(folder: str | Path, experiment: Experiment, results: list[dict]
     e = html.escape
     images = "".join(f'<img alt="{name} loss" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
                      for name, png in r["plots"].items())
-    table = "<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in rows[0]) + "</tr>" + "".join(
-        "<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows[1:]) + "</table>"
+    table = _html_table(rows)
     diagnoses = "<ul>" + "".join(f"<li><b>{e(t)}</b>: {e(' '.join(lines))}</li>"
                                  for t, lines in _diagnoses(experiment, results)) + "</ul>"
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{e(experiment.name)}</title>{_STYLE}</head><body>"
@@ -136,6 +145,76 @@ def write_report(folder: str | Path, experiment: Experiment, results: list[dict]
     (folder / "report.html").write_text(page)
     return {"name": experiment.name, "finding": r["finding"], "runs": len(results),
             "summaries": [s.as_dict() for s in r["summaries"]], "wall_s": wall_s}
+
+
+def _attention_cost_png(result: dict) -> bytes:
+    """Time and peak memory against T on log-log axes, one line per path, the fitted exponent in
+    the legend, and an x where a path ran out of the memory cap."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=100)
+    for ax, column, exponent, unit in ((axes[0], "ms", "time_exponent", "time per forward (ms)"),
+                                       (axes[1], "peak_mb", "memory_exponent", "peak memory (MB)")):
+        for colour, path in zip(COLOURS, ("explicit", "sdpa")):
+            done = [(r["length"], r[column]) for r in result["rows"]
+                    if r["path"] == path and not r["out_of_memory"] and r[column]]
+            if not done:
+                continue
+            p = result["fit"][path][exponent]
+            ax.plot(*zip(*done), "o-", color=colour, label=f"{path}" + (f" (fit: T^{p:.2f})" if p is not None else ""))
+            if column == "peak_mb" and result["out_of_memory_at"][path] is not None:
+                ax.plot([result["out_of_memory_at"][path]], [result["memory_cap_mb"]], "x", color=colour,
+                        markersize=11, label=f"{path}: out of memory")
+        if column == "peak_mb":
+            ax.axhline(result["memory_cap_mb"], color="#888", linestyle=":", label=f"cap {result['memory_cap_mb']:g} MB")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length T (tokens)")
+        ax.set_ylabel(unit)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle("one attention layer's forward: explicit softmax vs. the fused kernel")
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_measurement_report(folder: str | Path, measurement: Measurement, result: dict, *, command: str = "",
+                             wall_s: float | None = None) -> dict:
+    """report.md (+ cost.png) and report.html for a measurement experiment (bench/attention_cost.py)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    text = attention_cost_finding(result)
+    png = _attention_cost_png(result)
+    (folder / "cost.png").write_bytes(png)
+    rows = [["path", "T", "ms", "peak MB"]] + [
+        [r["path"], f"{r['length']:,}", "out of memory" if r["out_of_memory"] else _fmt(r["ms"], 2),
+         "–" if r["out_of_memory"] else _fmt(r["peak_mb"], 1)] for r in result["rows"]]
+    where = (f"{result.get('device_name', result.get('device', ''))}, preset {result.get('preset')}, "
+             f"{result.get('n_head')} heads of {result.get('head_dim')}, batch {result.get('batch_size')}; "
+             f"bench command: `{result.get('command', '')}`")
+    md = [f"# Experiment: {measurement.name}", "", f"**{measurement.question}**", "", f"**Finding:** {text}", "",
+          where + (f"; {wall_s:.0f} s" if wall_s is not None else "") + (f"; command: `{command}`" if command else ""), ""]
+    if measurement.note:
+        md += [f"_{measurement.note}_", ""]
+    md += _markdown_table(rows)
+    md += ["", "![cost against length](cost.png)", ""]
+    (folder / "report.md").write_text("\n".join(md) + "\n")
+    e = html.escape
+    table = _html_table(rows)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{e(measurement.name)}</title>{_STYLE}</head>"
+            f"<body><h1>Experiment: {e(measurement.name)}</h1><p><b>{e(measurement.question)}</b></p>"
+            f"<p class='finding'><b>Finding:</b> {e(text)}</p><p>{e(where)}</p>"
+            + (f"<p><i>{e(measurement.note)}</i></p>" if measurement.note else "")
+            + f"<img alt='cost against length' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+            + f"{table}</body></html>")
+    (folder / "report.html").write_text(page)
+    return {"name": measurement.name, "finding": text, "runs": 1, "fit": result["fit"],
+            "out_of_memory_at": result["out_of_memory_at"], "wall_s": wall_s}
 
 
 def write_index(folder: str | Path, entries: list[dict]) -> None:

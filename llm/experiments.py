@@ -14,6 +14,8 @@ variants, every one of them a few dotted keys changed, never a code fork:
           - {label: no clipping, set: {pretrain.train.grad_clip: 0.0}}
 
 `sweep: {pretrain.train.lr: [0.001, 0.01]}` runs every variant (and the baseline) at each value.
+A few lessons are not about training at all: `bench: attention_cost` makes an experiment a
+measurement, one run of that script in bench/ (with `args`), whose report is its plot and fit.
 This module is plain logic (no Prefect, MLflow or DVC): reading the catalogue, expanding it into
 runs, summarising measured runs and writing the one-sentence finding from the numbers. Checking
 the keys against the params schema is the pipeline's job (flows/experiments.py).
@@ -33,6 +35,7 @@ from llm.files import read_yaml
 
 PREFIX = "pretrain."     # every override is a pretrain-stage param
 MEASURES = ("val_loss", "gap", "early_loss", "speed")
+BENCHES = {"attention_cost": "bench/attention_cost.py"}   # experiments that measure, not train
 
 
 class CatalogueError(ValueError):
@@ -64,13 +67,32 @@ class Experiment:
 
 
 @dataclass
+class Measurement:
+    """An experiment that is one benchmark run (`bench` names it in BENCHES), not training runs."""
+
+    name: str
+    question: str
+    bench: str
+    args: list[str]
+    note: str = ""
+    estimate_s: float = 60.0
+
+    @property
+    def script(self) -> str:
+        return BENCHES[self.bench]
+
+    def runs(self) -> list:
+        return []
+
+
+@dataclass
 class Catalogue:
     base: dict[str, Any]
     seeds: list[int]
-    experiments: dict[str, Experiment]
+    experiments: dict[str, Experiment | Measurement]
     path: str = "experiments.yaml"
 
-    def select(self, names: list[str] | None) -> list[Experiment]:
+    def select(self, names: list[str] | None) -> list[Experiment | Measurement]:
         """The named experiments (all when none are named); an unknown name stops with the known ones."""
         if not names:
             return list(self.experiments.values())
@@ -132,9 +154,22 @@ def _overrides(value: Any, where: str) -> dict[str, Any]:
     return dict(value)
 
 
-def _experiment(name: str, entry: Any, seeds: list[int], where: str) -> Experiment:
+def _measurement(name: str, entry: dict, where: str) -> Measurement:
+    _only(entry, {"question", "bench", "args", "note", "estimate_s"}, where)
+    if entry["bench"] not in BENCHES:
+        raise CatalogueError(f"{where}.bench: {entry['bench']!r} is not one of {', '.join(BENCHES)}")
+    args = entry.get("args", [])
+    if not isinstance(args, list):
+        raise CatalogueError(f"{where}.args: expected a list of command-line arguments, e.g. [--max-length, 8192]")
+    return Measurement(name, str(entry.get("question", "")), entry["bench"], [str(a) for a in args],
+                       str(entry.get("note", "")), float(entry.get("estimate_s", 60.0)))
+
+
+def _experiment(name: str, entry: Any, seeds: list[int], where: str) -> Experiment | Measurement:
     if not isinstance(entry, dict):
         raise CatalogueError(f"{where}: expected a mapping with baseline and variants")
+    if "bench" in entry:
+        return _measurement(name, entry, where)
     _only(entry, {"question", "set", "baseline", "variants", "seeds", "sweep", "measure", "note"}, where)
     common = _overrides(entry.get("set") or {}, f"{where}.set")   # every variant of this experiment
     seeds = _seeds(entry["seeds"], f"{where}.seeds") if "seeds" in entry else seeds
@@ -398,3 +433,35 @@ def _sweep_finding(experiment: Experiment, summaries: list[Summary]) -> str:
             text += f" (best val loss {_num(best.val_mean)} at {_value(best.sweep_value)})"
         clauses.append(text)
     return "; ".join(clauses) + "."
+
+
+def _exponent(x: float | None) -> str:
+    return f"T^{x:.2f}" if x is not None else "(too few lengths to fit)"
+
+
+def attention_cost_finding(result: dict) -> str:
+    """bench/attention_cost.py's report in one sentence: the fitted exponents, where a path ran out
+    of the memory cap, and the two paths side by side at the longest length both finished."""
+    fit, oom, rows = result["fit"], result["out_of_memory_at"], result["rows"]
+    names = {"explicit": "explicit softmax attention", "sdpa": "the fused kernel (SDPA)"}
+    clauses = [f"{names[p]}'s time grew as {_exponent(fit[p]['time_exponent'])} and its peak memory as "
+               f"{_exponent(fit[p]['memory_exponent'])}" for p in ("explicit", "sdpa")]
+    longest = {p: max((r["length"] for r in rows if r["path"] == p and not r["out_of_memory"]), default=None)
+               for p in ("explicit", "sdpa")}
+    cap = f"{result['memory_cap_mb']:g} MB"
+    for p in ("explicit", "sdpa"):
+        if oom[p] is not None:
+            clauses.append(f"under a {cap} cap {names[p]} ran out of memory at {oom[p]:,} tokens"
+                           + (f" (it last fit {longest[p]:,})" if longest[p] else ""))
+        elif longest[p]:
+            clauses.append(f"{names[p]} fit the {cap} cap up to the longest length tried, {longest[p]:,}")
+    both = [T for T in {r["length"] for r in rows}
+            if all(any(r["path"] == p and r["length"] == T and not r["out_of_memory"] for r in rows)
+                   for p in ("explicit", "sdpa"))]
+    if both:
+        T = max(both)
+        e, s = ([r for r in rows if r["path"] == p and r["length"] == T][0] for p in ("explicit", "sdpa"))
+        clauses.append(f"at {T:,} tokens the explicit path took {e['ms']:.1f} ms and {e['peak_mb']:.0f} MB "
+                       f"against {s['ms']:.1f} ms and {s['peak_mb']:.0f} MB")
+    text = "; ".join(clauses) + "."
+    return text[0].upper() + text[1:]

@@ -14,7 +14,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llm.experiments import CatalogueError, early_loss, finding, load_catalogue, parse_catalogue, summarize
+from llm.experiments import (
+    CatalogueError,
+    Experiment,
+    Measurement,
+    early_loss,
+    finding,
+    load_catalogue,
+    parse_catalogue,
+    summarize,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,11 +35,12 @@ def test_the_shipped_catalogue_is_valid_and_every_variant_is_a_change():
 
     catalogue = load_catalogue(ROOT / "experiments.yaml")
     wanted = {"clipping", "warmup", "weight-decay", "dropout", "qkv-bias", "norm-placement", "norm-kind",
-              "positions", "mlp", "attention", "optimizer", "preset"}
+              "positions", "mlp", "attention", "optimizer", "preset", "attention-cost"}
     assert wanted <= set(catalogue.experiments)
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     runs = plan(catalogue, raw, catalogue.select(None))
-    assert all(len(e.seeds) >= 2 for e in catalogue.experiments.values())
+    assert all(len(e.seeds) >= 2 for e in catalogue.experiments.values() if isinstance(e, Experiment))
+    assert isinstance(catalogue.experiments["attention-cost"], Measurement)
     # norm-placement sweeps the learning rate for both placements
     sweep = catalogue.experiments["norm-placement"]
     assert {v.sweep_value for v in sweep.variants} == {0.003, 0.01, 0.03} and len(sweep.variants) == 6
@@ -51,6 +61,11 @@ def _plan(raw_catalogue: dict):
     catalogue = parse_catalogue(raw_catalogue)
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     return plan(catalogue, raw, catalogue.select(None))
+
+
+def test_a_measurement_names_a_known_bench():
+    with pytest.raises(CatalogueError, match=r"bench: 'attention' is not one of attention_cost"):
+        parse_catalogue({"seeds": [1, 2], "experiments": {"cost": {"bench": "attention"}}})
 
 
 def test_an_unknown_experiment_name_is_refused_with_the_known_ones():
@@ -239,3 +254,52 @@ def test_one_experiment_end_to_end(pipeline_repo, prefect_api, tmp_path):
     assert "clip at 1.0 (baseline) | 2 | – | " + cells[3] in (out / "report.md").read_text()
     assert {name: (repo / name).read_bytes() for name in before} == before
     print(f"second run {time.time() - started:.0f} s")
+
+
+def test_a_measurement_is_one_bench_run_with_its_report_reused_until_its_code_changes(pipeline_repo, prefect_api,
+                                                                                      tmp_path):
+    import shutil
+
+    import sample_sources as samples
+    from conftest import run, stage_env
+
+    repo = pipeline_repo
+    shutil.copytree(ROOT / "bench", repo / "bench", ignore=shutil.ignore_patterns("__pycache__", "results"))
+    (repo / "params.yaml").write_text(yaml.safe_dump(samples.tiny_pipeline_params(tmp_path), sort_keys=False))
+    catalogue = {"seeds": [1, 2], "base": {}, "experiments": {"attention-cost": {
+        "question": "How does attention's cost grow?", "bench": "attention_cost",
+        "args": ["--min-length", "64", "--max-length", "512", "--memory-cap-mb", "4", "--repeats", "1",
+                 "--fit-from", "64", "--threads", "1"]}}}
+    (repo / "tiny.yaml").write_text(yaml.safe_dump(catalogue, sort_keys=False))
+    env = stage_env(repo)
+    command = [sys.executable, "-m", "flows.experiments", "attention-cost", "--catalogue", "tiny.yaml"]
+    first = run(command, repo, env, timeout=300)
+
+    out = repo / "data/experiments/attention-cost"
+    result = json.loads((out / "result.json").read_text())
+    report = (out / "report.md").read_text()
+    assert "data:image/png;base64," in (out / "report.html").read_text()
+    # the finding is the bench's own numbers: its fitted exponents and where the cap stopped a path
+    fit = result["fit"]
+    for path in ("explicit", "sdpa"):
+        assert f"T^{fit[path]['memory_exponent']:.2f}" in report and f"T^{fit[path]['time_exponent']:.2f}" in report
+    stopped = result["out_of_memory_at"]["explicit"]
+    assert stopped is not None and f"ran out of memory at {stopped:,} tokens" in report
+    assert "attention-cost" in (repo / "data/experiments/index.md").read_text()
+    assert "attention-cost: Explicit softmax attention" in first.stdout
+
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment_id = client.get_experiment_by_name("tests").experiment_id
+    [parent] = client.search_runs([experiment_id], "tags.`llm.experiment` = 'attention-cost'")
+    assert parent.data.metrics["explicit.out_of_memory_at"] == stopped
+    assert parent.data.metrics["sdpa.memory_exponent"] == pytest.approx(fit["sdpa"]["memory_exponent"])
+
+    # nothing changed: the kept result is reused; the bench's code changed: it runs again
+    second = run(command, repo, env, timeout=300)
+    assert "kept from earlier" in second.stdout + second.stderr
+    assert json.loads((out / "result.json").read_text()) == result
+    with open(repo / "bench/attention_cost.py", "a") as script:
+        script.write("\n# changed\n")
+    third = run(command, repo, env, timeout=300)
+    assert "kept from earlier" not in third.stdout + third.stderr
