@@ -107,7 +107,8 @@ def datasets(model_config: ModelConfig, train_config: TrainConfig, tokenizer) ->
     """The packed training and validation tokens, as train() reads them (also in each torchrun process)."""
     data_options = dict(seq_len=model_config.context_length, batch_size=train_config.batch_size,
                         with_doc_ids=train_config.doc_masking, expected_fingerprint=tokenizer.fingerprint())
-    train_data = TokenDataset(TOKENS / "train.bin", seed=train_config.seed, **data_options)
+    train_data = TokenDataset(TOKENS / "train.bin", seed=train_config.seed, max_tokens=train_config.train_tokens,
+                              **data_options)
     val_data = TokenDataset(TOKENS / "val.bin", seed=train_config.seed + 1, **data_options)
     return train_data, val_data
 
