@@ -122,8 +122,9 @@ def plan(catalogue: Catalogue, raw_params: dict, experiments: list[Experiment]) 
                 overrides = run_overrides(catalogue, variant, seed)
                 params = validate_params(raw_params, overrides, where)
                 runs.append(PlannedRun(experiment, variant, seed, params, overrides))
-            pretrain_of[variant.key] = runs[-1].params.pretrain.model_dump(mode="json")
-            pretrain_of[variant.key]["train"].pop("seed")
+            settings = runs[-1].params.model_dump(mode="json", include={"pretrain", "tokenizer"})
+            settings["pretrain"]["train"].pop("seed")
+            pretrain_of[variant.key] = settings
         for variant in experiment.variants:
             if variant.baseline:
                 continue

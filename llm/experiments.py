@@ -33,8 +33,9 @@ from typing import Any
 
 from llm.files import read_yaml
 
-PREFIX = "pretrain."     # every override is a pretrain-stage param
-MEASURES = ("val_loss", "gap", "early_loss", "speed")
+PREFIX = "pretrain."     # every override is a pretrain-stage param ...
+TOKENIZER = "tokenizer."  # ... or a tokenizer-stage one (the pipeline then re-trains it and re-packs)
+MEASURES = ("val_loss", "gap", "early_loss", "speed", "bits_per_byte")
 BENCHES = {"attention_cost": "bench/attention_cost.py"}   # experiments that measure, not train
 
 
@@ -146,9 +147,10 @@ def _overrides(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise CatalogueError(f"{where}: expected a mapping of dotted params keys to values")
     for key in value:
-        if not isinstance(key, str) or not key.startswith(PREFIX) or key == PREFIX:
-            raise CatalogueError(f"{where}: key {key!r}: experiments change the pretrain stage only; "
-                                 f"write keys as {PREFIX}section.key (e.g. pretrain.train.lr)")
+        if not isinstance(key, str) or not key.startswith((PREFIX, TOKENIZER)) or key in (PREFIX, TOKENIZER):
+            raise CatalogueError(f"{where}: key {key!r}: experiments change the pretrain stage (or the "
+                                 f"tokenizer it trains on); write keys as {PREFIX}section.key (e.g. pretrain.train.lr) "
+                                 f"or {TOKENIZER}key (e.g. tokenizer.vocab_size)")
         if key == PREFIX + "train.seed":
             raise CatalogueError(f"{where}: {key} is set by the catalogue's seeds")
     return dict(value)
@@ -286,6 +288,9 @@ class Summary:
     spikes: int = 0
     parameters: int | None = None
     tokens_per_s: float | None = None
+    bits_per_byte: list[float] = field(default_factory=list)   # validation, finished runs
+    tokens_per_word: float | None = None
+    embedding_share: float | None = None
 
     @property
     def val_mean(self) -> float | None:
@@ -311,7 +316,9 @@ class Summary:
                 "diverged_at": self.diverged_at, "val_loss_mean": self.val_mean, "val_loss_spread": self.val_spread,
                 "val_losses": self.val_loss, "train_losses": self.train_loss, "gap": self.gap,
                 "early_loss": self.early_mean, "spikes": self.spikes, "parameters": self.parameters,
-                "tokens_per_s": self.tokens_per_s, "sweep_value": self.sweep_value}
+                "tokens_per_s": self.tokens_per_s, "sweep_value": self.sweep_value,
+                "bits_per_byte": self.bits_per_byte, "tokens_per_word": self.tokens_per_word,
+                "embedding_share": self.embedding_share}
 
 
 def summarize(experiment: Experiment, results: list[dict]) -> list[Summary]:
@@ -329,11 +336,15 @@ def summarize(experiment: Experiment, results: list[dict]) -> list[Summary]:
             else:
                 s.val_loss.append(r["metrics"]["val_loss"])
                 s.train_loss.append(r["metrics"]["train_loss"])
+                if r["metrics"].get("val_bits_per_byte") is not None:
+                    s.bits_per_byte.append(r["metrics"]["val_bits_per_byte"])
             e = early_loss(r)
             if e is not None and where is None:
                 s.early.append(e)
             s.spikes += sum(1 for f in r.get("diagnosis", []) if f["kind"] == "spike")
             s.parameters = r.get("metrics", {}).get("parameters", s.parameters)
+            s.tokens_per_word = r.get("metrics", {}).get("val_tokens_per_word", s.tokens_per_word)
+            s.embedding_share = r.get("metrics", {}).get("embedding_share", s.embedding_share)
             if r.get("metrics", {}).get("tokens_per_s"):
                 speeds.append(r["metrics"]["tokens_per_s"])
         s.tokens_per_s = mean(speeds) if speeds else None
@@ -378,6 +389,8 @@ def finding(experiment: Experiment, summaries: list[Summary]) -> str:
         return f"{experiment.name}: no runs finished yet."
     if experiment.sweep_key:
         return _sweep_finding(experiment, summaries)
+    if experiment.measure == "bits_per_byte":
+        return _bits_per_byte_finding(summaries)
     base = next(s for s in summaries if s.baseline)
     clauses = []
     if base.diverged:
@@ -405,6 +418,37 @@ def finding(experiment: Experiment, summaries: list[Summary]) -> str:
     if not any(clauses):
         return f"{experiment.name}: every run diverged or none finished."
     return f"Against {base.label}: " + "; ".join(c for c in clauses if c) + "."
+
+
+def _bits_per_byte_finding(summaries: list[Summary]) -> str:
+    """Across tokenizers, per variant: bits per byte (the comparable loss), its seed spread, tokens
+    per word and the embedding share of the parameters; then which did best."""
+    clauses, scored = [], []
+    for s in summaries:
+        if s.diverged:
+            clauses.append(_divergence(s))
+            continue
+        if not s.bits_per_byte:
+            continue
+        bpb = mean(s.bits_per_byte)
+        spread = (max(s.bits_per_byte) - min(s.bits_per_byte)) / 2
+        scored.append((bpb, spread, s))
+        extra = []
+        if s.tokens_per_word is not None:
+            extra.append(f"{s.tokens_per_word:.2f} tokens/word")
+        if s.embedding_share is not None:
+            extra.append(f"{s.embedding_share:.0%} of {s.parameters:,} parameters in embeddings" if s.parameters
+                         else f"{s.embedding_share:.0%} of parameters in embeddings")
+        clauses.append(f"{s.label}: {bpb:.3f} bits/byte (±{spread:.3f})" + (f", {', '.join(extra)}" if extra else ""))
+    if not clauses:
+        return "no runs finished yet."
+    text = "; ".join(clauses) + "."
+    if len(scored) > 1:
+        best, worst = min(scored, key=lambda t: t[0]), max(scored, key=lambda t: t[0])
+        noise = max(best[1], worst[1])
+        text += (f" Lowest bits per byte: {best[2].label}, {worst[0] - best[0]:.3f} below {worst[2].label}"
+                 + (" (within the seeds' spread)." if worst[0] - best[0] <= noise else "."))
+    return text
 
 
 def _sweep_finding(experiment: Experiment, summaries: list[Summary]) -> str:

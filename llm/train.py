@@ -271,6 +271,12 @@ def perplexity(loss: float) -> float:
         return math.inf
 
 
+def bits_per_byte(loss: float, tokens: int, n_bytes: int) -> float:
+    """A loss in nats per token as bits per byte of the text: comparable across tokenizers, where
+    loss per token is not (a bigger vocabulary has fewer, harder tokens for the same text)."""
+    return loss / math.log(2) * tokens / n_bytes
+
+
 @torch.no_grad()
 def take_sample(sample_fn: SampleFn, model: nn.Module, config: TrainConfig) -> str:
     """A generation that leaves the training RNG untouched (so resume stays exact) and uses the

@@ -63,6 +63,25 @@ def _plan(raw_catalogue: dict):
     return plan(catalogue, raw, catalogue.select(None))
 
 
+def test_across_vocabularies_the_finding_compares_bits_per_byte():
+    experiment = parse_catalogue(_catalogue(
+        measure="bits_per_byte", baseline={"label": "vocab 8192", "set": {"tokenizer.vocab_size": 8192}},
+        variants=[{"label": "vocab 512", "set": {"tokenizer.vocab_size": 512}}])).experiments["clipping"]
+
+    def run(variant, seed, val_loss, bpb, per_word, share, parameters):
+        return {"variant": variant, "seed": seed, "metrics": {
+            "val_loss": val_loss, "train_loss": val_loss - 0.1, "val_bits_per_byte": bpb, "val_tokens_per_word": per_word,
+            "embedding_share": share, "parameters": parameters}, "train": [], "diagnosis": []}
+
+    # the 512 vocabulary has the LOWER loss per token and the HIGHER bits per byte: per byte decides
+    results = [run("vocab-8192", 1, 5.0, 1.60, 1.3, 0.52, 2_100_000), run("vocab-8192", 2, 5.1, 1.62, 1.3, 0.52, 2_100_000),
+               run("vocab-512", 1, 3.0, 1.90, 3.1, 0.06, 1_100_000), run("vocab-512", 2, 3.1, 1.94, 3.1, 0.06, 1_100_000)]
+    text = finding(experiment, summarize(experiment, results))
+    assert "vocab 8192: 1.610 bits/byte (±0.010), 1.30 tokens/word, 52% of 2,100,000 parameters in embeddings" in text
+    assert "vocab 512: 1.920 bits/byte (±0.020), 3.10 tokens/word, 6% of 1,100,000" in text
+    assert text.endswith("Lowest bits per byte: vocab 8192, 0.310 below vocab 512.")
+
+
 def test_a_measurement_names_a_known_bench():
     with pytest.raises(CatalogueError, match=r"bench: 'attention' is not one of attention_cost"):
         parse_catalogue({"seeds": [1, 2], "experiments": {"cost": {"bench": "attention"}}})
@@ -83,8 +102,12 @@ def test_a_mistyped_params_key_is_named_before_anything_runs():
     wrong_type = _catalogue(variants=[{"label": "text", "set": {"pretrain.train.grad_clip": "none"}}])
     with pytest.raises(ExperimentError, match=r"clipping / text: pretrain.train.grad_clip"):
         _plan(wrong_type)
-    with pytest.raises(CatalogueError, match="pretrain stage only"):
+    with pytest.raises(CatalogueError, match=r"'classify.lr': experiments change the pretrain stage \(or the tokenizer"):
         parse_catalogue(_catalogue(variants=[{"label": "x", "set": {"classify.lr": 0.1}}]))
+    with pytest.raises(ExperimentError, match=r"clipping / vocab: unknown key 'tokenizer.vocab'"):
+        _plan(_catalogue(variants=[{"label": "vocab", "set": {"tokenizer.vocab": 512}}]))
+    # a tokenizer change is a change, though the pretrain settings stay the same
+    assert len(_plan(_catalogue(variants=[{"label": "vocab", "set": {"tokenizer.vocab_size": 512}}]))) == 4
 
 
 def test_a_variant_identical_to_its_baseline_is_refused():
