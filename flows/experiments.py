@@ -61,7 +61,6 @@ from llm.files import read_json, read_yaml, write_json
 
 WORKSPACE = Path(".cache/experiments/workspace")
 OUT = Path("data/experiments")
-PRETRAIN_OUT = "data/pretrain"
 # FLOPs a second this small a model gets on 2 CPU cores (6 N per token; bench/pretrain.py order of
 # magnitude), and the fixed cost of one queued run (clone, checkout, Prefect flow, MLflow logging).
 EST_FLOPS = 1e11
@@ -119,11 +118,12 @@ def plan(catalogue: Catalogue, raw_params: dict, experiments: list[Experiment]) 
         for variant in experiment.variants:
             where = f"{catalogue.path}: {experiment.name} / {variant.label}"
             for seed in experiment.seeds:
-                overrides = run_overrides(catalogue, variant, seed)
+                overrides = run_overrides(catalogue, experiment, variant, seed)
                 params = validate_params(raw_params, overrides, where)
                 runs.append(PlannedRun(experiment, variant, seed, params, overrides))
-            settings = runs[-1].params.model_dump(mode="json", include={"pretrain", "tokenizer"})
+            settings = runs[-1].params.model_dump(mode="json", include={"pretrain", "tokenizer", "classify"})
             settings["pretrain"]["train"].pop("seed")
+            settings["classify"].pop("seed")
             pretrain_of[variant.key] = settings
         for variant in experiment.variants:
             if variant.baseline:
@@ -133,7 +133,7 @@ def plan(catalogue: Catalogue, raw_params: dict, experiments: list[Experiment]) 
                 raise ExperimentError(f"{catalogue.path}: {experiment.name} / {variant.label}: identical to the "
                                       f"baseline {base.label!r} once applied: it would measure nothing")
         budgets = {r.variant.label: token_budget(r.params) for r in runs if r.experiment is experiment}
-        if len(set(budgets.values())) > 1:
+        if experiment.stage == "pretrain" and len(set(budgets.values())) > 1:
             listing = ", ".join(f"{k}: {v:,}" for k, v in budgets.items())
             raise ExperimentError(f"{catalogue.path}: {experiment.name}: variants must train on the same number of "
                                   f"tokens (max_steps x tokens per step); got {listing}")
@@ -155,10 +155,10 @@ def estimate_seconds(runs: list[PlannedRun], experiment: Experiment | Measuremen
 # --- keys: what decides a run's result ------------------------------------------------------------
 
 def code_fingerprint(root: Path) -> str:
-    """A hash of the pretrain stage's code and data dependencies as dvc.yaml lists them."""
+    """A hash of the pretrain and classify stages' code and data dependencies as dvc.yaml lists them."""
     stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
     digest = hashlib.sha256()
-    for dep in sorted(stages["pretrain"].get("deps", [])):
+    for dep in sorted({d for stage in ("pretrain", "classify") for d in stages[stage].get("deps", [])}):
         path = root / dep
         if path.is_file():
             digest.update(dep.encode() + path.read_bytes())
@@ -173,7 +173,9 @@ def code_fingerprint(root: Path) -> str:
 def run_key(run: PlannedRun, code: str) -> str:
     text = json.dumps({"pretrain": run.params.pretrain.model_dump(mode="json"),
                        "tokenizer": run.params.tokenizer.model_dump(mode="json"),
-                       "pack": run.params.pack.model_dump(mode="json"), "code": code}, sort_keys=True)
+                       "pack": run.params.pack.model_dump(mode="json"), "code": code,
+                       **({"classify": run.params.classify.model_dump(mode="json")}
+                          if run.experiment.stage == "classify" else {})}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -223,8 +225,8 @@ def prepare_workspace(root: Path, env: dict) -> Path:
     gitignore = ws / ".gitignore"
     rules = gitignore.read_text() if gitignore.exists() else ""
     rules = re.sub(r"(?m)^/data/$", "/data/*", rules)
-    gitignore.write_text(rules + "\n# experiments: commit the pretrain metrics and curves\n!/data/pretrain/\n"
-                         "/data/pretrain/checkpoints/\n")
+    gitignore.write_text(rules + "\n# experiments: commit the pretrain and classify metrics and curves\n!/data/pretrain/\n"
+                         "/data/pretrain/checkpoints/\n!/data/classify/\n")
     cache = sh([dvc_bin(), "cache", "dir"], root, env).stdout.strip()
     sh([dvc_bin(), "cache", "dir", "--local", str(Path(root, cache).resolve())], ws, env)
     return ws
@@ -310,12 +312,15 @@ def exp_ref(ws: Path, name: str) -> str | None:
 def collect_finished(run: PlannedRun, ws: Path, rev: str, root: Path) -> dict:
     run.folder.mkdir(parents=True, exist_ok=True)
     files = {}
-    for rel in ("metrics.json", "curves/train.csv", "curves/val.csv"):
-        text = sh(["git", "show", f"{rev}:{PRETRAIN_OUT}/{rel}"], ws).stdout
+    names = ("metrics.json", "curves/train.csv", "curves/val.csv") if run.experiment.stage == "pretrain" else ("metrics.json",)
+    for rel in names:
+        text = sh(["git", "show", f"{rev}:data/{run.experiment.stage}/{rel}"], ws).stdout
         (run.folder / Path(rel).name).write_text(text)
         files[rel] = text
     metrics = json.loads(files["metrics.json"])
-    train, val = read_curve(files["curves/train.csv"], "loss"), read_curve(files["curves/val.csv"], "val_loss")
+    train, val = [], []
+    if "curves/train.csv" in files:
+        train, val = read_curve(files["curves/train.csv"], "loss"), read_curve(files["curves/val.csv"], "val_loss")
     return _result(run, "finished", train, val, metrics, None, rev, root)
 
 
@@ -359,7 +364,7 @@ def queue_runs(runs: list[PlannedRun], ws: Path, env: dict) -> None:
         sets = []
         for key, value in run.overrides.items():
             sets += ["-S", f"++{key}={_yaml(value)}"]   # ++: set, whether params.yaml has the key or not
-        sh([dvc_bin(), "exp", "run", "--queue", "--name", run.name, *sets, "pretrain"], ws, env)
+        sh([dvc_bin(), "exp", "run", "--queue", "--name", run.name, *sets, run.experiment.stage], ws, env)
 
 
 def _yaml(value) -> str:
@@ -405,8 +410,9 @@ def run_experiment(experiment: Experiment, runs: list[PlannedRun], root: Path, w
             rev = exp_ref(ws, run.name)
             result = collect_finished(run, ws, rev, root) if rev else collect_failed(run, ws, env, root)
             results.append(result)
+            shown = {k: v for k, v in result["metrics"].items() if k in ("val_loss", "test_accuracy")}
             log(f"  {run.variant.label} seed {run.seed}: {result['status']}"
-                + (f" val loss {result['metrics']['val_loss']:.3f}" if result["status"] == "finished" else ""))
+                + "".join(f" {k} {v:.3f}" for k, v in shown.items()))
         # `dvc exp show` in the repository lists them: push the experiment refs back.
         sh(["git", "push", "--quiet", "--force", str(root), "refs/exps/*:refs/exps/*"], ws, check=False)
     failed = [r for r in results if r["status"] == "failed"]

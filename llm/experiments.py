@@ -35,7 +35,11 @@ from llm.files import read_yaml
 
 PREFIX = "pretrain."     # every override is a pretrain-stage param ...
 TOKENIZER = "tokenizer."  # ... or a tokenizer-stage one (the pipeline then re-trains it and re-packs)
-MEASURES = ("val_loss", "gap", "early_loss", "speed", "bits_per_byte")
+CLASSIFY = "classify."    # ... or, for an experiment on the classify stage, a classify one
+SECTIONS = (PREFIX, TOKENIZER, CLASSIFY)
+# The stage an experiment runs (dvc exp run <stage>) and the key its seeds set.
+SEED_KEYS = {"pretrain": "pretrain.train.seed", "classify": "classify.seed"}
+MEASURES = ("val_loss", "gap", "early_loss", "speed", "bits_per_byte", "accuracy")
 BENCHES = {"attention_cost": "bench/attention_cost.py"}   # experiments that measure, not train
 
 
@@ -62,6 +66,7 @@ class Experiment:
     sweep_key: str | None = None
     measure: str = "val_loss"       # what the finding leads with (MEASURES)
     note: str = ""                  # what the configuration leaves out, or why it was chosen
+    stage: str = "pretrain"         # the stage each run reproduces (SEED_KEYS)
 
     def runs(self) -> list[tuple[Variant, int]]:
         return [(v, s) for v in self.variants for s in self.seeds]
@@ -147,11 +152,11 @@ def _overrides(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise CatalogueError(f"{where}: expected a mapping of dotted params keys to values")
     for key in value:
-        if not isinstance(key, str) or not key.startswith((PREFIX, TOKENIZER)) or key in (PREFIX, TOKENIZER):
+        if not isinstance(key, str) or not key.startswith(SECTIONS) or key in SECTIONS:
             raise CatalogueError(f"{where}: key {key!r}: experiments change the pretrain stage (or the "
-                                 f"tokenizer it trains on); write keys as {PREFIX}section.key (e.g. pretrain.train.lr) "
-                                 f"or {TOKENIZER}key (e.g. tokenizer.vocab_size)")
-        if key == PREFIX + "train.seed":
+                                 f"tokenizer it trains on, or the classify stage); write keys as {PREFIX}section.key "
+                                 f"(e.g. pretrain.train.lr), {TOKENIZER}key or {CLASSIFY}key")
+        if key in SEED_KEYS.values():
             raise CatalogueError(f"{where}: {key} is set by the catalogue's seeds")
     return dict(value)
 
@@ -172,7 +177,10 @@ def _experiment(name: str, entry: Any, seeds: list[int], where: str) -> Experime
         raise CatalogueError(f"{where}: expected a mapping with baseline and variants")
     if "bench" in entry:
         return _measurement(name, entry, where)
-    _only(entry, {"question", "set", "baseline", "variants", "seeds", "sweep", "measure", "note"}, where)
+    _only(entry, {"question", "set", "baseline", "variants", "seeds", "sweep", "measure", "note", "stage"}, where)
+    stage = entry.get("stage", "pretrain")
+    if stage not in SEED_KEYS:
+        raise CatalogueError(f"{where}.stage: {stage!r} is not one of {', '.join(SEED_KEYS)}")
     common = _overrides(entry.get("set") or {}, f"{where}.set")   # every variant of this experiment
     seeds = _seeds(entry["seeds"], f"{where}.seeds") if "seeds" in entry else seeds
     measure = entry.get("measure", "val_loss")
@@ -202,7 +210,7 @@ def _experiment(name: str, entry: Any, seeds: list[int], where: str) -> Experime
                             v.baseline, v.label, value)
                     for value in values for v in plain]
     return Experiment(name, str(entry.get("question", "")), variants, seeds, sweep_key, measure,
-                      str(entry.get("note", "")))
+                      str(entry.get("note", "")), stage)
 
 
 def _variant(entry: Any, where: str, baseline: bool, default_label: str) -> Variant:
@@ -238,9 +246,9 @@ def apply_overrides(params: dict, *layers: dict[str, Any]) -> dict:
     return result
 
 
-def run_overrides(catalogue: Catalogue, variant: Variant, seed: int) -> dict[str, Any]:
+def run_overrides(catalogue: Catalogue, experiment: Experiment, variant: Variant, seed: int) -> dict[str, Any]:
     """Every dotted key one run sets: the base, the variant, its seed."""
-    return {**catalogue.base, **variant.overrides, PREFIX + "train.seed": seed}
+    return {**catalogue.base, **variant.overrides, SEED_KEYS[experiment.stage]: seed}
 
 
 def run_name(experiment: str, variant: Variant, seed: int) -> str:
@@ -289,6 +297,8 @@ class Summary:
     parameters: int | None = None
     tokens_per_s: float | None = None
     bits_per_byte: list[float] = field(default_factory=list)   # validation, finished runs
+    accuracy: list[float] = field(default_factory=list)        # classify: test accuracy, pretrained weights
+    scratch_accuracy: list[float] = field(default_factory=list)  # ... and the same from random weights
     tokens_per_word: float | None = None
     embedding_share: float | None = None
 
@@ -318,7 +328,8 @@ class Summary:
                 "early_loss": self.early_mean, "spikes": self.spikes, "parameters": self.parameters,
                 "tokens_per_s": self.tokens_per_s, "sweep_value": self.sweep_value,
                 "bits_per_byte": self.bits_per_byte, "tokens_per_word": self.tokens_per_word,
-                "embedding_share": self.embedding_share}
+                "embedding_share": self.embedding_share, "accuracy": self.accuracy,
+                "scratch_accuracy": self.scratch_accuracy}
 
 
 def summarize(experiment: Experiment, results: list[dict]) -> list[Summary]:
@@ -333,6 +344,12 @@ def summarize(experiment: Experiment, results: list[dict]) -> list[Summary]:
             if where is not None:
                 s.diverged += 1
                 s.diverged_at.append(where)
+            elif experiment.stage == "classify":
+                tested = r["metrics"]["test"]
+                s.accuracy.append(tested["pretrained"]["accuracy"])
+                if "from_scratch" in tested:
+                    s.scratch_accuracy.append(tested["from_scratch"]["accuracy"])
+                continue
             else:
                 s.val_loss.append(r["metrics"]["val_loss"])
                 s.train_loss.append(r["metrics"]["train_loss"])
@@ -391,6 +408,8 @@ def finding(experiment: Experiment, summaries: list[Summary]) -> str:
         return _sweep_finding(experiment, summaries)
     if experiment.measure == "bits_per_byte":
         return _bits_per_byte_finding(summaries)
+    if experiment.measure == "accuracy":
+        return _pretraining_value_finding(summaries)
     base = next(s for s in summaries if s.baseline)
     clauses = []
     if base.diverged:
@@ -448,6 +467,28 @@ def _bits_per_byte_finding(summaries: list[Summary]) -> str:
         noise = max(best[1], worst[1])
         text += (f" Lowest bits per byte: {best[2].label}, {worst[0] - best[0]:.3f} below {worst[2].label}"
                  + (" (within the seeds' spread)." if worst[0] - best[0] <= noise else "."))
+    return text
+
+
+def _pretraining_value_finding(summaries: list[Summary]) -> str:
+    """Per variant, test accuracy from pretrained vs random weights; then where pretraining paid most."""
+    clauses, gains = [], []
+    for s in summaries:
+        if not s.accuracy:
+            continue
+        text = f"{s.label}: {mean(s.accuracy):.1%} pretrained"
+        if s.scratch_accuracy:
+            gain = mean(s.accuracy) - mean(s.scratch_accuracy)
+            gains.append((gain, s))
+            text += f" vs {mean(s.scratch_accuracy):.1%} from random weights ({gain * 100:+.1f} points)"
+        clauses.append(text)
+    if not clauses:
+        return "no runs finished yet."
+    text = "; ".join(clauses) + "."
+    if gains:
+        best, least = max(gains, key=lambda g: g[0]), min(gains, key=lambda g: g[0])
+        text += (f" Pretraining paid most with {best[1].label} ({best[0] * 100:+.1f} points) and least with "
+                 f"{least[1].label} ({least[0] * 100:+.1f}).")
     return text
 
 

@@ -82,6 +82,34 @@ def test_across_vocabularies_the_finding_compares_bits_per_byte():
     assert text.endswith("Lowest bits per byte: vocab 8192, 0.310 below vocab 512.")
 
 
+def test_a_classify_experiment_seeds_the_classify_stage_and_reports_accuracy_against_random_weights(tmp_path):
+    from flows.experiments import plan
+    from llm.experiment_report import write_report
+
+    raw = {"seeds": [1, 2], "base": {}, "experiments": {"value": {
+        "stage": "classify", "measure": "accuracy",
+        "baseline": {"label": "all labels", "set": {"classify.train_fraction": 1.0}},
+        "variants": [{"label": "1% labels", "set": {"classify.train_fraction": 0.01}}]}}}
+    catalogue = parse_catalogue(raw)
+    experiment = catalogue.experiments["value"]
+    runs = plan(catalogue, yaml.safe_load((ROOT / "params.yaml").read_text()), [experiment])
+    assert {r.overrides["classify.seed"] for r in runs} == {1, 2} and "pretrain.train.seed" not in runs[0].overrides
+
+    def run(variant, seed, pretrained, scratch):
+        return {"variant": variant, "seed": seed, "train": [], "diagnosis": [], "metrics": {"test": {
+            "pretrained": {"accuracy": pretrained}, "from_scratch": {"accuracy": scratch}}}}
+
+    results = [run("all-labels", 1, 0.98, 0.97), run("all-labels", 2, 0.99, 0.98),
+               run("1-labels", 1, 0.90, 0.80), run("1-labels", 2, 0.92, 0.84)]
+    entry = write_report(tmp_path, experiment, results)
+    assert entry["finding"] == ("all labels: 98.5% pretrained vs 97.5% from random weights (+1.0 points); 1% labels: "
+                                "91.0% pretrained vs 82.0% from random weights (+9.0 points). Pretraining paid most "
+                                "with 1% labels (+9.0 points) and least with all labels (+1.0).")
+    report = (tmp_path / "report.md").read_text()
+    assert "| 1% labels | 2 | 91.00% ± 1.00% | 82.00% ± 2.00% | +9.0 | 90.00%, 92.00% |" in report
+    assert (tmp_path / "accuracy.png").stat().st_size > 1000 and "Loss-curve diagnosis" not in report
+
+
 def test_a_measurement_names_a_known_bench():
     with pytest.raises(CatalogueError, match=r"bench: 'attention' is not one of attention_cost"):
         parse_catalogue({"seeds": [1, 2], "experiments": {"cost": {"bench": "attention"}}})
@@ -102,8 +130,8 @@ def test_a_mistyped_params_key_is_named_before_anything_runs():
     wrong_type = _catalogue(variants=[{"label": "text", "set": {"pretrain.train.grad_clip": "none"}}])
     with pytest.raises(ExperimentError, match=r"clipping / text: pretrain.train.grad_clip"):
         _plan(wrong_type)
-    with pytest.raises(CatalogueError, match=r"'classify.lr': experiments change the pretrain stage \(or the tokenizer"):
-        parse_catalogue(_catalogue(variants=[{"label": "x", "set": {"classify.lr": 0.1}}]))
+    with pytest.raises(CatalogueError, match=r"'instruct.lr': experiments change the pretrain stage \(or the tokenizer"):
+        parse_catalogue(_catalogue(variants=[{"label": "x", "set": {"instruct.lr": 0.1}}]))
     with pytest.raises(ExperimentError, match=r"clipping / vocab: unknown key 'tokenizer.vocab'"):
         _plan(_catalogue(variants=[{"label": "vocab", "set": {"tokenizer.vocab": 512}}]))
     # a tokenizer change is a change, though the pretrain settings stay the same
