@@ -227,9 +227,9 @@ class PretrainParams(Strict):
                                             "hosts' launchers meet (node 0's address and a free port)")}}])
         return self
 
-    def launch(self, run_id: str = "llm") -> distributed.Nodes:
-        """The hosts of this stage, as llm.distributed launches them."""
-        return distributed.Nodes(count=self.nodes, endpoint=self.rendezvous, run_id=run_id,
+    def launch(self, node_rank: int = 0, run_id: str = "llm") -> distributed.Nodes:
+        """The hosts of this stage, seen from node `node_rank`, as llm.distributed launches them."""
+        return distributed.Nodes(count=self.nodes, rank=node_rank, endpoint=self.rendezvous, run_id=run_id,
                                  join_timeout_s=self.join_timeout_s)
 
 

@@ -15,11 +15,11 @@ Two ways to share the model (`sharding`):
         state, and gathers a block's parameters just before it runs. For models whose training
         state does not fit one device (`python -m llm.memory` shows when).
 
-Several hosts (`Nodes`): torchrun runs on every host, and the launchers meet at a rendezvous
-endpoint (c10d: a key-value store on HOST:PORT, which the launcher on that host serves):
+Several hosts (`Nodes`): torchrun runs on every host, each with its node rank, and the launchers
+meet at a rendezvous endpoint, HOST:PORT of node 0 (whose launcher serves a key-value store there):
 
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT \
-             --rdzv-id=RUN script.py            # the same line on each host
+    torchrun --nnodes=2 --node-rank=R --nproc_per_node=8 --rdzv-backend=static \\
+             --rdzv-endpoint=NODE0:PORT --rdzv-id=RUN script.py      # R = 0 on node 0, 1 on the other
 
 `torchrun_command` builds that command line and `run_torchrun` runs it; `resolve_devices` turns
 the `devices` setting ('auto' or a count) into a number of processes per host.
@@ -30,6 +30,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import inspect
+import math
 import os
 import subprocess
 import sys
@@ -219,24 +220,28 @@ def resolve_devices(devices: int | str, device: str = "auto") -> int:
 
 @dataclass(frozen=True)
 class Nodes:
-    """The hosts one run trains on, and where their launchers meet.
+    """The hosts one run trains on, this host's place among them, and where their launchers meet.
 
-    One host needs nothing (torchrun --standalone). Several run the same torchrun line, each
-    with `nproc` processes, and meet at `endpoint` (HOST:PORT that every host reaches; the
-    launcher on HOST serves it). Which host gets global rank 0 is the rendezvous's choice (c10d
-    numbers the launchers itself, and ignores --node-rank), so whatever rank 0 writes must go to
-    a folder every host shares. A host that has not joined within join_timeout_s stops the
-    others' launchers with RendezvousTimeout instead of leaving them waiting.
+    One host needs nothing (torchrun --standalone). Several run the same torchrun line but for
+    their node rank, each with `nproc` processes, and meet at `endpoint` (HOST:PORT of node 0,
+    which every host reaches; node 0's launcher serves it). Processes are numbered host by host,
+    so node 0 holds global rank 0, which reports and writes: node 0 is where the run is watched.
+    (The static rendezvous does this; c10d's elastic one numbers the hosts by their names and
+    ignores --node-rank.) A host that has not joined within join_timeout_s stops the others'
+    launchers with RendezvousTimeout instead of leaving them waiting.
     """
 
     count: int = 1
-    endpoint: str = ""              # HOST:PORT of the rendezvous; required with count > 1
+    rank: int = 0                   # this host: 0 .. count - 1
+    endpoint: str = ""              # HOST:PORT of node 0; required with count > 1
     run_id: str = "llm"             # the launchers of one run share it (and no other run does)
     join_timeout_s: float = 600.0
 
     def __post_init__(self):
         if self.count < 1:
             raise ValueError(f"Nodes.count must be >= 1, got {self.count}")
+        if not 0 <= self.rank < self.count:
+            raise ValueError(f"Nodes.rank must be in [0, count={self.count}), got {self.rank}")
         if self.count > 1 and not self.endpoint:
             raise ValueError(f"Nodes.count={self.count} needs an endpoint HOST:PORT where the hosts' launchers meet")
         if self.endpoint and not _is_host_port(self.endpoint):
@@ -263,13 +268,14 @@ def torchrun_command(nproc: int, target: Sequence[str], *, nodes: Nodes = ONE_HO
 
     target: a script and its arguments, or ["-m", "package.module", args...]. One host:
     `--standalone` starts a rendezvous on a free local port, nothing to configure. Several:
-    `--nnodes`, and the c10d rendezvous at nodes.endpoint with a join timeout.
+    `--nnodes`, this host's `--node-rank` and the rendezvous at node 0 with a join timeout.
     """
     if nodes.count == 1 and not nodes.endpoint:
         launch = ["--standalone"]
     else:
-        launch = [f"--nnodes={nodes.count}", "--rdzv-backend=c10d", f"--rdzv-endpoint={nodes.endpoint}",
-                  f"--rdzv-id={nodes.run_id}", f"--rdzv-conf=join_timeout={nodes.join_timeout_s:g}"]
+        launch = [f"--nnodes={nodes.count}", f"--node-rank={nodes.rank}", "--rdzv-backend=static",
+                  f"--rdzv-endpoint={nodes.endpoint}", f"--rdzv-id={nodes.run_id}",
+                  f"--rdzv-conf=timeout={math.ceil(nodes.join_timeout_s)}"]
     return [python or sys.executable, "-m", "torch.distributed.run", *launch, f"--nproc_per_node={nproc}", *target]
 
 
@@ -288,11 +294,17 @@ def run_torchrun(nproc: int, target: Sequence[str], *, nodes: Nodes = ONE_HOST, 
     timed_out = False
     for line in process.stderr:
         sys.stderr.write(line)
-        timed_out = timed_out or "RendezvousTimeoutError" in line
+        timed_out = timed_out or any(sign in line for sign in _RENDEZVOUS_TIMEOUTS)
     status = process.wait()
     if timed_out:
         raise RendezvousTimeout(
             f"not all {nodes.count} hosts joined the rendezvous at {nodes.endpoint} (run id {nodes.run_id!r}) "
-            f"within {nodes.join_timeout_s:g} s (gave up after {time.monotonic() - began:.0f} s): start the same "
-            "run on every host, each reaching that endpoint, or raise the join timeout")
+            f"within {nodes.join_timeout_s:g} s (this is node {nodes.rank}; gave up after "
+            f"{time.monotonic() - began:.0f} s): start the same run on every host with its own node rank, "
+            "node 0 listening at that endpoint, or raise the join timeout")
     return status
+
+
+# What torchrun prints when hosts did not meet: node 0's store waited for the others in vain, or
+# another node found nobody listening at node 0's endpoint.
+_RENDEZVOUS_TIMEOUTS = ("DistStoreError: Timed out after", "DistNetworkError: The client socket has timed out")

@@ -1,7 +1,8 @@
 """Scale out: two hosts joined by torchrun's rendezvous, and sharded training (FSDP2), on the CPU.
 
-The two "hosts" are two torchrun launchers on 127.0.0.1, one process each, meeting at a c10d
-rendezvous endpoint, exactly as two machines would (`--nnodes=2 --rdzv-endpoint=HOST:PORT`).
+The two "hosts" are two torchrun launchers on 127.0.0.1, one process each, node ranks 0 and 1,
+meeting at node 0's rendezvous endpoint, as two machines would (`--nnodes=2 --node-rank=R
+--rdzv-endpoint=NODE0:PORT`).
 Their processes run this file as a script (the `__main__` part at the bottom): each trains the
 same tiny model with DDP and with FSDP, with AdamW and with Muon, and reports its losses.
 """
@@ -65,12 +66,14 @@ def two_hosts(data_dir, tmp_path_factory) -> dict:
     from conftest import free_port
 
     out = tmp_path_factory.mktemp("two-hosts")
-    nodes = distributed.Nodes(count=2, endpoint=f"127.0.0.1:{free_port()}", run_id="test-two-hosts",
-                              join_timeout_s=60)
-    command = distributed.torchrun_command(1, [__file__, str(data_dir), str(out)], nodes=nodes)
+    endpoint = f"127.0.0.1:{free_port()}"
     began = time.monotonic()
-    launchers = [subprocess.Popen(command, cwd=ROOT, env=env_with_root(), stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL) for _ in range(2)]
+    launchers = []
+    for rank in (0, 1):
+        nodes = distributed.Nodes(count=2, rank=rank, endpoint=endpoint, run_id="test-two-hosts", join_timeout_s=60)
+        command = distributed.torchrun_command(1, [__file__, str(data_dir), str(out)], nodes=nodes)
+        launchers.append(subprocess.Popen(command, cwd=ROOT, env=env_with_root(), stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL))
     try:
         outputs = [launcher.communicate(timeout=180)[0] for launcher in launchers]
     finally:
@@ -91,6 +94,7 @@ def test_two_hosts_follow_the_one_process_loss_curve(data_dir, two_hosts, tmp_pa
     single = run_training(data_dir, tmp_path, config())
     first, second = two_hosts["reports"][0], two_hosts["reports"][1]
     assert first["world_size"] == 2 and {first["local_world_size"], second["local_world_size"]} == {1}
+    assert (first["node_rank"], second["node_rank"]) == (0, 1)   # node 0 holds global rank 0
     assert first["ddp"] == second["ddp"]   # the loss is averaged over the ranks: both report the same
     # Not bitwise: each update's gradient is the sum of two half-batch gradients (all-reduce)
     # instead of one whole-batch one, and float addition is not associative; 1e-5 is a few
@@ -101,14 +105,17 @@ def test_two_hosts_follow_the_one_process_loss_curve(data_dir, two_hosts, tmp_pa
     assert first["ddp"]["train_loss"][-1] < first["ddp"]["train_loss"][0] - 0.1   # it learned something
 
 
-def test_a_host_that_never_joins_stops_the_other_with_a_message(tmp_path):
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_host_that_never_joins_stops_the_other_with_a_message(rank, tmp_path):
+    """Node 0 alone waits for node 1 in vain; node 1 alone finds nobody at node 0's endpoint."""
     from conftest import free_port
 
-    nodes = distributed.Nodes(count=2, endpoint=f"127.0.0.1:{free_port()}", run_id="test-alone", join_timeout_s=3)
+    nodes = distributed.Nodes(count=2, rank=rank, endpoint=f"127.0.0.1:{free_port()}", run_id="test-alone",
+                              join_timeout_s=2)
     (tmp_path / "script.py").write_text("open('ran', 'w')\n")
     began = time.monotonic()
     with pytest.raises(distributed.RendezvousTimeout, match=r"not all 2 hosts joined the rendezvous at "
-                                                            r"127\.0\.0\.1:\d+ .*within 3 s"):
+                                                            rf"127\.0\.0\.1:\d+ .*within 2 s \(this is node {rank};"):
         distributed.run_torchrun(1, ["script.py"], nodes=nodes, cwd=str(tmp_path))
     assert not (tmp_path / "ran").exists()
     assert time.monotonic() - began < 60
@@ -117,13 +124,15 @@ def test_a_host_that_never_joins_stops_the_other_with_a_message(tmp_path):
 def test_the_launch_lines():
     one = distributed.torchrun_command(2, ["-m", "x"])
     assert one[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "x"]
-    two = distributed.torchrun_command(8, ["-m", "x"], nodes=distributed.Nodes(2, "node0:29500", "run7", 120))
-    assert two[3:] == ["--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29500", "--rdzv-id=run7",
-                       "--rdzv-conf=join_timeout=120", "--nproc_per_node=8", "-m", "x"]
+    two = distributed.torchrun_command(8, ["-m", "x"], nodes=distributed.Nodes(2, 1, "node0:29500", "run7", 120))
+    assert two[3:] == ["--nnodes=2", "--node-rank=1", "--rdzv-backend=static", "--rdzv-endpoint=node0:29500",
+                       "--rdzv-id=run7", "--rdzv-conf=timeout=120", "--nproc_per_node=8", "-m", "x"]
     with pytest.raises(ValueError, match="Nodes.count=2 needs an endpoint HOST:PORT"):
         distributed.Nodes(count=2)
     with pytest.raises(ValueError, match="Nodes.endpoint must be HOST:PORT, got 'node0'"):
         distributed.Nodes(count=2, endpoint="node0")
+    with pytest.raises(ValueError, match=r"Nodes.rank must be in \[0, count=2\), got 2"):
+        distributed.Nodes(count=2, rank=2, endpoint="node0:1")
 
 
 def test_params_refuse_several_nodes_without_an_endpoint(tmp_path):
@@ -206,7 +215,8 @@ def test_unknown_sharding_is_refused(data_dir, tmp_path):
 def _each_process(data_dir: Path, out: Path) -> None:
     where = distributed.from_env()
     torch.set_num_threads(1)
-    report = {"world_size": where.world_size, "local_world_size": int(os.environ["LOCAL_WORLD_SIZE"])}
+    report = {"world_size": where.world_size, "local_world_size": int(os.environ["LOCAL_WORLD_SIZE"]),
+              "node_rank": int(os.environ["GROUP_RANK"])}
     for name, sharding, optimizer in RUNS:
         result = run_training(data_dir, out / name, config(optimizer=optimizer), sharding)
         report[name] = {"train_loss": losses(result), "val_loss": losses(result, "val_loss"),
