@@ -155,6 +155,34 @@ def test_params_refuse_several_nodes_without_an_endpoint(tmp_path):
         load_params(tmp_path / "params.yaml")
 
 
+@pytest.mark.e2e
+def test_on_a_pool_each_node_gets_a_run_on_its_queue_and_a_missing_worker_cancels_all(pipeline_repo, prefect_api):
+    import uuid
+
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    from conftest import VENV_BIN, run, stage_env
+
+    repo, pool, pipeline = pipeline_repo, f"nodes-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex[:8]
+    env = stage_env(repo, LLM_PIPELINE_RUN_ID=pipeline)
+    run([str(VENV_BIN / "python"), "-m", "flows.deploy", "--pool", pool], repo, env)
+    (repo / "params.yaml").write_text(yaml.safe_dump({
+        "execution": {"mode": "pool", "pool": pool, "stages": ["pretrain"], "pickup_timeout_s": 3},
+        "download": {"sources": [{"name": "a", "uri": "file:x.txt", "role": "pretrain"}]},
+        "pretrain": {"nodes": 2, "rendezvous": "127.0.0.1:29400"}}))
+    failed = run([str(VENV_BIN / "python"), "-m", "flows.pretrain"], repo, env, check=False, timeout=120)
+    assert failed.returncode != 0
+    output = failed.stdout + failed.stderr
+    assert "on work queue node-0" in output and "on work queue node-1" in output
+    assert "no worker picked up 'pretrain' (node 0) within 3 s" in output
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"pipeline:{pipeline}"])))
+    assert sorted((r.parameters["node_rank"], r.work_queue_name, r.state.type.value) for r in runs) == [
+        (0, "node-0", "CANCELLED"), (1, "node-1", "CANCELLED")]
+
+
 # --- sharded training ---------------------------------------------------------------------------
 
 def test_fsdp_gives_the_losses_of_ddp(two_hosts):
