@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from train_driver import CONTEXT, tiny_model_config  # noqa: E402
 
 from llm import distributed  # noqa: E402
-from llm.checkpoint import checkpoint_name  # noqa: E402
+from llm.checkpoint import CheckpointMismatch, checkpoint_name  # noqa: E402
 from llm.model import GPT  # noqa: E402
 from llm.sharded import DCP_DIR  # noqa: E402
 from llm.train import TrainConfig, TrainResult, load_datasets, train  # noqa: E402
@@ -188,12 +188,13 @@ def test_on_a_pool_each_node_gets_a_run_on_its_queue_and_a_missing_worker_cancel
 def test_fsdp_gives_the_losses_of_ddp(two_hosts):
     report = two_hosts["reports"][0]
     assert report["fsdp"] == two_hosts["reports"][1]["fsdp"]
-    # The same sums in another order (reduce-scatter instead of all-reduce): float32 rounding.
+    # The same sums in another order (reduce-scatter instead of all-reduce): float32 rounding (7e-8 seen).
     for name in ("train_loss", "val_loss", "grad_norm"):
         assert report["fsdp"][name] == pytest.approx(report["ddp"][name], rel=1e-6)
-    # Muon orthogonalises in bf16: a gradient changed by one part in a million moves its weights by
-    # ~1e-3 after a few steps (measured on this model), sharded or not; the losses stay within 1e-3.
-    assert report["fsdp-muon"]["train_loss"] == pytest.approx(report["ddp-muon"]["train_loss"], rel=1e-3)
+    # Muon orthogonalises in bf16, where those roundings become bf16 steps: on one process, a gradient
+    # changed by one part in a million moved this model's weights by 3e-3 in three steps. Sharded
+    # against DDP the losses differed by 2e-5 (the gradient norm, its most sensitive reading, by 1e-4).
+    assert report["fsdp-muon"]["train_loss"] == pytest.approx(report["ddp-muon"]["train_loss"], rel=2e-4)
     assert report["fsdp-muon"]["train_loss"] != pytest.approx(report["fsdp"]["train_loss"], rel=1e-3)
 
 
@@ -209,6 +210,15 @@ def test_a_sharded_checkpoint_holds_the_same_model_as_an_unsharded_one(two_hosts
     assert weights.keys() == ddp_weights.keys()   # the tied output layer stored once, as save_model does
     for name in weights:
         torch.testing.assert_close(weights[name], ddp_weights[name], rtol=1e-4, atol=1e-5)
+
+
+def test_a_sharded_run_resumes_exactly_on_the_same_processes_and_refuses_an_unsharded_checkpoint(two_hosts):
+    report = two_hosts["reports"][0]
+    assert report["fsdp-resumed"]["resumed_from"] == 3
+    assert report["fsdp-resumed"]["train_loss"] == report["fsdp"]["train_loss"]   # bit for bit
+    assert report["ddp-into-fsdp"]["error"].endswith(
+        "sharded training resumes only sharded checkpoints (with dcp/). Continue it with sharding: ddp (the same "
+        "loss curve), or use another out_dir, or resume='never' to start over.")
 
 
 def test_a_two_process_fsdp_checkpoint_resumes_in_one_process(data_dir, two_hosts, tmp_path, capsys):
@@ -249,6 +259,18 @@ def _each_process(data_dir: Path, out: Path) -> None:
         result = run_training(data_dir, out / name, config(optimizer=optimizer), sharding)
         report[name] = {"train_loss": losses(result), "val_loss": losses(result, "val_loss"),
                         "grad_norm": losses(result, "grad_norm")}
+    # Killed after step 3 and started again on the same two processes; then an unsharded
+    # checkpoint offered to sharded training.
+    for name, source, sharding in (("fsdp-resumed", "fsdp", "fsdp"), ("ddp-into-fsdp", "ddp", "fsdp")):
+        if where.is_main:
+            shutil.copytree(out / source / "checkpoints" / checkpoint_name(3), out / name / "checkpoints" /
+                            checkpoint_name(3))
+        distributed.barrier(where)
+        try:
+            result = run_training(data_dir, out / name, config(), sharding)
+            report[name] = {"train_loss": losses(result), "resumed_from": result.resumed_from}
+        except CheckpointMismatch as err:
+            report[name] = {"error": str(err)}
     (out / f"rank{where.rank}.json").write_text(json.dumps(report))
 
 
