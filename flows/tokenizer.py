@@ -138,17 +138,16 @@ def tokenizer_flow(params: Params) -> dict:
         log.info(f"{p.kind} tokenizer: vocab {project.vocab_size}, fingerprint {project.fingerprint()[:12]}")
         metrics = {"kind": p.kind, "vocab_size": project.vocab_size, "train_documents": len(train_texts),
                    "heldout_documents": len(heldout)}
-        if p.compare:
-            try:
-                rows = compare(project, train_texts, heldout, params)
-            except ValueError as err:
-                raise StageError(f"tokenizer comparison: {err} (or set tokenizer.compare: false)") from err
-            metrics["comparison"] = {f"{r['tokenizer']}.{r['eval_set']}": _rounded(r) for r in rows}
-            metrics["language_cost"] = language_cost(rows)
-            write_comparison(rows, stage)
-            summary = comparison_markdown(rows, metrics["language_cost"])
-        else:
-            summary = f"{p.kind} tokenizer, vocab {project.vocab_size}."
+        # The comparison outputs are always written (DVC declares them): with compare: false they
+        # measure the project's tokenizer alone.
+        try:
+            rows = compare(project, train_texts, heldout, params)
+        except ValueError as err:
+            raise StageError(f"tokenizer comparison: {err} (or set tokenizer.compare: false)") from err
+        metrics["comparison"] = {f"{r['tokenizer']}.{r['eval_set']}": _rounded(r) for r in rows}
+        metrics["language_cost"] = language_cost(rows)
+        write_comparison(rows, stage)
+        summary = comparison_markdown(rows, metrics["language_cost"])
         return stage.finish(metrics, summary)
 
 
@@ -159,6 +158,8 @@ def compare(project: tok.Tokenizer, train_texts: list[str], heldout: list[str], 
     eval_sets.update({f"parallel-{lang}": capped(t, p.eval_chars) for lang, t in eval_parallel.items()})
     eval_sets = {name: texts for name, texts in eval_sets.items() if texts}
     tokenizers = {p.kind: project}  # the project's own, same key as its kind
+    if not p.compare:
+        return measure_all(tokenizers, eval_sets)
     for kind in ("bpe", "unigram", "char"):
         if kind != p.kind:
             tokenizers[kind] = train_tokenizer(kind, train_texts, p.vocab_size, params)

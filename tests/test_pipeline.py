@@ -13,7 +13,8 @@ from mlflow.tracking import MlflowClient
 
 from llm.checkpoint import load_checkpoint
 from llm.classify import Classifier
-from llm.data import TokenDataset
+from llm.data import TokenDataset, read_meta
+from llm.model import num_params
 from llm.tokenizer import load_tokenizer
 
 import sample_sources as samples
@@ -67,6 +68,14 @@ def test_tiny_pipeline_end_to_end(pipeline_repo, prefect_api, judge_gguf, tmp_pa
         [client.get_experiment_by_name("tests").experiment_id], "tags.`llm.stage` = 'pretrain'")[0].info.run_id
     assert "val_loss" in dvc(repo, "plots", "show", "--json", env=env).stdout
     assert 0 < pretrain["unigram_val_loss"] < math.log(400)  # frequencies beat uniform guessing
+    # bits per byte: the val loss in bits, times the val text's tokens per byte (as the pack stage counted them)
+    val_text = [json.loads(line)["text"] for line in corpus]
+    val_meta = read_meta(repo / "data/pack/tokens/val.bin")
+    assert 0 < val_meta["bytes"] < sum(len(t.encode()) for t in val_text)
+    assert pretrain["val_bits_per_byte"] == pytest.approx(
+        pretrain["val_loss"] / math.log(2) * val_meta["num_tokens"] / val_meta["bytes"])
+    assert pretrain["val_tokens_per_word"] == pytest.approx(pack["val"]["tokens_per_word"])
+    assert pretrain["embedding_share"] == pytest.approx(1 - num_params(model, non_embedding=True) / num_params(model))
     assert len((repo / "data/pretrain/samples.txt").read_text().strip()) > 0
 
     # Same params, same model: a second run from scratch reproduces the weights bit for bit
