@@ -156,31 +156,72 @@ def test_params_refuse_several_nodes_without_an_endpoint(tmp_path):
 
 
 @pytest.mark.e2e
-def test_on_a_pool_each_node_gets_a_run_on_its_queue_and_a_missing_worker_cancels_all(pipeline_repo, prefect_api):
+def test_on_a_pool_each_node_gets_a_run_on_its_queue_and_a_missing_worker_cancels_all(prefect_api, tmp_path,
+                                                                                       monkeypatch, capsys):
     import uuid
 
     import yaml
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 
-    from conftest import VENV_BIN, run, stage_env
+    from flows._stage import main
+    from flows.deploy import deploy
+    from flows.pretrain import pretrain_flow
 
-    repo, pool, pipeline = pipeline_repo, f"nodes-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex[:8]
-    env = stage_env(repo, LLM_PIPELINE_RUN_ID=pipeline)
-    run([str(VENV_BIN / "python"), "-m", "flows.deploy", "--pool", pool], repo, env)
-    (repo / "params.yaml").write_text(yaml.safe_dump({
-        "execution": {"mode": "pool", "pool": pool, "stages": ["pretrain"], "pickup_timeout_s": 3},
+    pool, pipeline = f"nodes-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex[:8]
+    monkeypatch.setenv("LLM_PIPELINE_RUN_ID", pipeline)
+    deploy(pool, ROOT)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "execution": {"mode": "pool", "pool": pool, "stages": ["pretrain"], "pickup_timeout_s": 2},
         "download": {"sources": [{"name": "a", "uri": "file:x.txt", "role": "pretrain"}]},
         "pretrain": {"nodes": 2, "rendezvous": "127.0.0.1:29400"}}))
-    failed = run([str(VENV_BIN / "python"), "-m", "flows.pretrain"], repo, env, check=False, timeout=120)
-    assert failed.returncode != 0
-    output = failed.stdout + failed.stderr
+    with pytest.raises(SystemExit) as failed:   # what `dvc repro` runs: python -m flows.pretrain
+        main(pretrain_flow, "pretrain", ["--params", str(tmp_path / "params.yaml")])
+    assert "no worker picked up 'pretrain' (node 0) within 2 s: start one on its node's queue" in str(failed.value)
+    output = capsys.readouterr().out
     assert "on work queue node-0" in output and "on work queue node-1" in output
-    assert "no worker picked up 'pretrain' (node 0) within 3 s" in output
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"pipeline:{pipeline}"])))
     assert sorted((r.parameters["node_rank"], r.work_queue_name, r.state.type.value) for r in runs) == [
         (0, "node-0", "CANCELLED"), (1, "node-1", "CANCELLED")]
+
+
+@pytest.mark.e2e
+def test_the_pretrain_stage_on_two_hosts_sharded(prefect_api, tmp_path):
+    """Node 0 runs the stage, node 1 joins with --node-rank 1 (the same repository folder, as an
+    NFS share would give it); FSDP over the two. Node 0 alone finishes the stage."""
+    import yaml
+    from safetensors.torch import load_file
+    from test_distributed import stage_workspace
+
+    from llm.checkpoint import latest_checkpoint
+
+    from conftest import free_port
+
+    repo, params = stage_workspace(tmp_path)
+    params["pretrain"].update(devices=1, nodes=2, rendezvous=f"127.0.0.1:{free_port()}", sharding="fsdp",
+                              join_timeout_s=120)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**env_with_root(), "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}", "PREFECT_API_URL": prefect_api}
+    env.pop("LLM_PIPELINE_RUN_ID", None)
+    hosts = [subprocess.Popen([sys.executable, "-m", "flows.pretrain", *extra], cwd=repo, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for extra in ([], ["--node-rank", "1"])]
+    try:
+        outputs = [host.communicate(timeout=300)[0] for host in hosts]
+    finally:
+        for host in hosts:
+            host.kill()
+    for host, output in zip(hosts, outputs):
+        assert host.returncode == 0, output[-4000:]
+    assert "--nnodes=2 --node-rank=0 --rdzv-backend=static" in outputs[0]
+    assert "--nnodes=2 --node-rank=1 --rdzv-backend=static" in outputs[1]
+    metrics = json.loads((repo / "data/pretrain/metrics.json").read_text())
+    assert metrics["steps"] == 6 and metrics["tokens_seen"] == 6 * 2 * 4 * 64   # 2 hosts x 4 rows x 64 tokens
+    [run_dir] = list((repo / "data/pretrain/checkpoints").iterdir())
+    final = latest_checkpoint(run_dir / "checkpoints")
+    assert (final / DCP_DIR / ".metadata").is_file()
+    weights, model = load_file(final / "model.safetensors"), load_file(repo / "data/pretrain/model/model.safetensors")
+    assert weights.keys() == model.keys() and all(torch.equal(weights[k], model[k]) for k in weights)
 
 
 # --- sharded training ---------------------------------------------------------------------------
