@@ -212,8 +212,7 @@ class PretrainParams(Strict):
     @field_validator("rendezvous")
     @classmethod
     def _host_port(cls, value: str) -> str:
-        host, _, port = value.rpartition(":")
-        if value and not (host and port.isdigit() and 0 < int(port) < 65536):
+        if value and not distributed.is_host_port(value):
             raise ValueError("must be HOST:PORT (node 0's address and a free port every host can reach)")
         return value
 

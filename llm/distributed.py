@@ -244,7 +244,7 @@ class Nodes:
             raise ValueError(f"Nodes.rank must be in [0, count={self.count}), got {self.rank}")
         if self.count > 1 and not self.endpoint:
             raise ValueError(f"Nodes.count={self.count} needs an endpoint HOST:PORT where the hosts' launchers meet")
-        if self.endpoint and not _is_host_port(self.endpoint):
+        if self.endpoint and not is_host_port(self.endpoint):
             raise ValueError(f"Nodes.endpoint must be HOST:PORT, got {self.endpoint!r}")
         if self.join_timeout_s <= 0:
             raise ValueError(f"Nodes.join_timeout_s must be > 0, got {self.join_timeout_s}")
@@ -253,7 +253,7 @@ class Nodes:
 ONE_HOST = Nodes()
 
 
-def _is_host_port(endpoint: str) -> bool:
+def is_host_port(endpoint: str) -> bool:
     host, _, port = endpoint.rpartition(":")
     return bool(host) and port.isdigit() and 0 < int(port) < 65536
 

@@ -13,6 +13,11 @@ the blocks (embeddings, final norm, output layer). `python -m llm.memory` shows 
 On a GPU with bf16 the gathered weights are bf16 (MixedPrecisionPolicy), while the pieces, the
 optimizer state and the gradient reduction stay fp32.
 
+Not done here: building the model sharded. Each process builds the whole model, moves it to its
+device and shards it there, so the fp32 weights must fit one device once; what sharding spreads
+is everything else (gradients and optimizer state, 3x the weights with AdamW). A model whose
+weights alone outgrow a GPU would be built on the meta device and each shard initialised.
+
 Muon (llm.optim) needs a whole matrix: Newton-Schulz orthogonalises the matrix, not its rows.
 torch.optim.Muon runs unchanged on the sharded matrices (DTensors): each matrix product of the
 iteration is a DTensor operation, which gathers what it needs, so the update is the whole
