@@ -203,14 +203,20 @@ def _section_params(params: Params, name: str) -> dict[str, Any]:
 
 # --- the command line of every stage --------------------------------------------------------
 
-def main(flow: Callable[[Params], Any], name: str, argv: list[str] | None = None) -> None:
-    """`python -m flows.<stage>`: validate params first, then run the flow with pipeline tags."""
+def main(flow: Callable[[Params], Any], name: str, argv: list[str] | None = None, *,
+         options: dict[str, dict] | None = None) -> None:
+    """`python -m flows.<stage>`: validate params first, then run the flow with pipeline tags.
+    options: the stage's own command-line options ({flag: add_argument keywords, with dest}),
+    passed to the flow as keyword arguments of those names."""
     parser = argparse.ArgumentParser(
         prog=f"python -m flows.{name}",
         description=f"Run the {name!r} stage as a Prefect flow that logs to MLflow. Normally run by "
                     f"`dvc repro {name}`; reads its knobs from the `{name}` section of params.yaml.")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    for flag, spec in (options or {}).items():
+        parser.add_argument(flag, **spec)
     args = parser.parse_args(argv)
+    flow_options = {spec["dest"]: getattr(args, spec["dest"]) for spec in (options or {}).values()}
     try:
         params = load_params(args.params)
     except ConfigError as err:
@@ -219,10 +225,13 @@ def main(flow: Callable[[Params], Any], name: str, argv: list[str] | None = None
     execution = params.execution
     try:
         if execution.mode == "pool" and name in execution.stages:
-            run_on_pool(name, params.model_dump(mode="json"), execution.pickup_timeout_s, execution.timeout_s)
+            # Pretraining on several hosts runs once on each (flows/remote.py).
+            nodes = params.pretrain.nodes if name == "pretrain" else 1
+            run_on_pool(name, params.model_dump(mode="json"), execution.pickup_timeout_s, execution.timeout_s,
+                        nodes=nodes)
         else:
             with tags(f"stage:{name}", f"pipeline:{pipeline_id}"):
-                flow(params)
+                flow(params, **flow_options)
     except (StageError, RemoteRunFailed) as err:
         sys.exit(f"error: {name} stage failed: {err}")
 

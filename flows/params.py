@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from llm import sources
+from llm import distributed, sources
 from llm.classify import ClassifyConfig
 from llm.files import read_yaml
 from llm.finetune import FinetuneConfig
@@ -193,6 +193,14 @@ class PretrainParams(Strict):
     # Processes to train with, one per GPU, under torchrun with DistributedDataParallel: 'auto' = every
     # CUDA GPU of the host; on a CPU a count > 1 runs that many gloo processes (to test the path).
     devices: Union[int, str] = 1
+    # How the processes share the model: ddp (each holds all of it) or fsdp (each holds 1/N of the
+    # weights, gradients and optimizer state: for models whose training state outgrows one GPU).
+    sharding: Literal["ddp", "fsdp"] = "ddp"
+    # Hosts, each running `devices` processes; with more than one, every host runs the stage with its
+    # node rank (flows/pretrain.py) and the launchers meet at rendezvous, HOST:PORT of node 0.
+    nodes: int = Field(1, ge=1)
+    rendezvous: str = ""
+    join_timeout_s: float = Field(600.0, gt=0)   # a host not there by then stops the others
 
     @field_validator("devices")
     @classmethod
@@ -200,6 +208,28 @@ class PretrainParams(Strict):
         if value == "auto" or (isinstance(value, int) and value >= 1):
             return value
         raise ValueError("must be 'auto' (every CUDA GPU of the host) or a count >= 1")
+
+    @field_validator("rendezvous")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if value and not distributed.is_host_port(value):
+            raise ValueError("must be HOST:PORT (node 0's address and a free port every host can reach)")
+        return value
+
+    @model_validator(mode="after")
+    def _rendezvous_for_nodes(self) -> "PretrainParams":
+        if self.nodes > 1 and not self.rendezvous:
+            # Raised for the field itself, so the message names pretrain.rendezvous.
+            raise ValidationError.from_exception_data("PretrainParams", [{
+                "type": "value_error", "loc": ("rendezvous",), "input": self.rendezvous,
+                "ctx": {"error": ValueError(f"nodes={self.nodes} needs the rendezvous endpoint HOST:PORT where the "
+                                            "hosts' launchers meet (node 0's address and a free port)")}}])
+        return self
+
+    def launch(self, node_rank: int = 0, run_id: str = "llm") -> distributed.Nodes:
+        """The hosts of this stage, seen from node `node_rank`, as llm.distributed launches them."""
+        return distributed.Nodes(count=self.nodes, rank=node_rank, endpoint=self.rendezvous, run_id=run_id,
+                                 join_timeout_s=self.join_timeout_s)
 
 
 class ClassifyParams(mirror(ClassifyConfig)):
