@@ -189,3 +189,124 @@ def tiny_model_folder(folder, tokenizer, family="llama", **change):
     save_model_dir(model, tokenizer, folder)
     (folder.parent / "metrics.json").write_text(json.dumps({"val_loss": 2.5, "steps": 5}))
     return folder
+
+
+def stage_params(out="data/export", **export) -> dict:
+    return {"project": {"name": "testllm", "experiment": "tests", "seed": 0},
+            "download": {"sources": [{"name": "corpus", "uri": "file:/texts/corpus", "role": "pretrain",
+                                      "licence": "CC0"}]},
+            "export": {"model": "data/instruct/model", "formats": ["hf", "gguf"], "gguf_types": ["f32", "q8_0"],
+                       "out": out, **export}}
+
+
+@pytest.mark.e2e
+def test_dvc_repro_export_writes_both_formats_and_logs_them_to_mlflow(pipeline_repo, prefect_api, tokenizer):
+    from mlflow.tracking import MlflowClient
+
+    from conftest import dvc
+
+    repo = pipeline_repo
+    (repo / "params.yaml").write_text(json.dumps(stage_params()))
+    tiny_model_folder(repo / "data/instruct/model", tokenizer)
+    dvc(repo, "repro", "--single-item", "export")
+
+    out = repo / "data/export"
+    assert {p.name for p in (out / "hf").iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json",
+                                                       "tokenizer_config.json", "chat_template.jinja", "README.md"}
+    ggufs = sorted(p.name for p in (out / "gguf").iterdir())
+    assert ggufs == ["testllm-instruct-f32.gguf", "testllm-instruct-q8_0.gguf"]
+    assert all((out / "gguf" / name).read_bytes()[:4] == b"GGUF" for name in ggufs)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["name"] == "testllm-instruct" and metrics["formats"] == ["hf", "gguf"]
+    assert metrics["bytes"]["gguf/testllm-instruct-f32.gguf"] == (out / "gguf/testllm-instruct-f32.gguf").stat().st_size
+    card = (out / "hf/README.md").read_text()  # the model card: metrics beside the model, data, params
+    assert "| `val_loss` | 2.5 |" in card and "corpus: `file:/texts/corpus` (CC0)" in card and "pretrain.train.lr" in card
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("tests").experiment_id], "tags.`llm.stage` = 'export'")
+    assert run.data.params["export.model"] == "data/instruct/model"
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "export/gguf")}
+    assert logged == {f"export/gguf/{name}" for name in ggufs}
+    assert "export/hf/tokenizer.json" in {a.path for a in client.list_artifacts(run.info.run_id, "export/hf")}
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch, prefect_api, tokenizer):
+    """A folder to run `python -m flows.export` in (in this process): params.yaml, MLflow database."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("LLM_PIPELINE_RUN_ID", "export-test")
+    (tmp_path / "params.yaml").write_text(json.dumps(stage_params()))
+    yield tmp_path
+    # Flows run in this process ship their logs and events from background workers: let them
+    # finish while the session's Prefect server still answers, or they retry at exit for a minute.
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all()
+    EventsWorker.drain_all()
+
+
+def export_cli(*args: str) -> str:
+    """Run the export command line; the message it stops with ('' if it finished)."""
+    from flows.export import main
+
+    try:
+        main(list(args))
+    except SystemExit as stop:
+        return str(stop.code)
+    return ""
+
+
+@pytest.mark.e2e
+def test_export_from_the_registry_to_a_folder_of_ones_choice(workspace, tokenizer):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    folder = tiny_model_folder(workspace / "elsewhere/model", tokenizer, "gpt2")
+    mlflow.set_tracking_uri(f"sqlite:///{workspace / 'mlflow.db'}")
+    client = MlflowClient()
+    run = client.create_run(client.create_experiment("registry", artifact_location=(workspace / "mlruns").as_uri()))
+    client.log_artifacts(run.info.run_id, str(folder), "model")
+    client.log_metric(run.info.run_id, "val_loss", 3.25)
+    client.create_registered_model("mine-instruct")
+    client.create_model_version("mine-instruct", source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    client.set_registered_model_alias("mine-instruct", "champion", "1")
+
+    out = workspace / "exports/mine"
+    assert export_cli("--model", "models:/mine-instruct@champion", "--format", "hf", "--out", str(out)) == ""
+    assert sorted(p.name for p in out.iterdir()) == ["hf", "metrics.json"]
+    assert json.loads((out / "hf/config.json").read_text())["model_type"] == "gpt2"
+    assert "| `val_loss` | 3.25 |" in (out / "hf/README.md").read_text()
+    assert not (workspace / "data").exists()  # nothing lands in the pipeline's own folders
+
+
+@pytest.mark.e2e
+def test_bad_input_stops_with_the_field_and_what_would_work_and_writes_nothing(workspace, tokenizer, capsys):
+    out = workspace / "out"
+    assert export_cli("--format", "onnx", "--out", str(out)) == "2"  # argparse's usage error
+    assert "--format: invalid choice: 'onnx' (choose from 'hf', 'gguf', 'all')" in capsys.readouterr().err
+    assert "export.gguf_types.0: Input should be 'f32', 'f16', 'q8_0' or 'q4_k_m'" in export_cli(
+        "--gguf-types", "q3", "--out", str(out))
+
+    no_tokenizer = tiny_model_folder(workspace / "bare/model", tokenizer)
+    for path in (no_tokenizer / "tokenizer").iterdir():
+        path.unlink()
+    message = export_cli("--model", str(no_tokenizer), "--out", str(out))
+    assert "export.model" in message and "tokenizer.json" in message and "Formats that would work: none" in message
+
+    post_norm = tiny_model_folder(workspace / "post/model", tokenizer, "gpt2", norm_placement="post")
+    message = export_cli("--model", str(post_norm), "--format", "gguf", "--out", str(out))
+    assert "cannot export to gguf" in message and "norm_placement='post' (needs 'pre')" in message
+    assert "No export format can express it" in message
+    qk_norm = tiny_model_folder(workspace / "qk/model", tokenizer, "llama", qk_norm=True)
+    assert "qk_norm=True (needs False)" in export_cli("--model", str(qk_norm), "--out", str(out))
+    assert not out.exists()
+
+    # An output folder holding someone else's files is not replaced.
+    (out / "notes").mkdir(parents=True)
+    message = export_cli("--model", str(qk_norm.parent.parent / "post/model"), "--out", str(out))
+    assert "cannot export" in message  # checked before the folder, so the model's problem comes first
+    good = tiny_model_folder(workspace / "good/model", tokenizer, "gpt2", tie_embeddings=False)
+    assert "holds other files" in export_cli("--model", str(good), "--out", str(out))
+    assert [p.name for p in out.iterdir()] == ["notes"]
