@@ -21,6 +21,7 @@ the quantised ones (q8_0, q4_k_m) by llama.cpp's own quantizer from llama-cpp-py
 from __future__ import annotations
 
 import ctypes
+import logging
 from pathlib import Path
 
 import gguf
@@ -77,7 +78,14 @@ def quantise(source: Path, target: Path, dtype: str) -> None:
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(_QUANTISED[dtype])
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
+    # llama.cpp logs a line per tensor through this logger; keep its errors only.
+    log = logging.getLogger("llama-cpp-python")
+    level, _ = log.level, log.setLevel(logging.ERROR)
+    try:
+        failed = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
+    finally:
+        log.setLevel(level)
+    if failed:
         raise RuntimeError(f"llama.cpp could not quantise {source} to {dtype}")
 
 
