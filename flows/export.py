@@ -26,9 +26,11 @@ from flows._stage import StageError, as_params, flatten, run_stage, stage_run
 from flows.environment import mlflow_tracking_uri
 from flows.params import ConfigError, Params, load_params, with_changes
 from llm import checkpoint
+from llm.chat import encode_prompt
 from llm.files import atomic_dir, read_json
-from llm.gguf import GGUF_TYPES, export_gguf
-from llm.hf import check_exportable, export_hf, model_card, push_to_hub
+from llm.generate import generate
+from llm.gguf import GGUF_TYPES, export_gguf, greedy_tokens
+from llm.hf import check_exportable, export_hf, logit_difference, model_card, push_to_hub
 from llm.model import GPT
 from llm.tokenizer import Tokenizer
 
@@ -165,6 +167,27 @@ def write_exports(model: GPT, tokenizer: Tokenizer, folder: Path, formats: list[
     return written
 
 
+CHECK_MESSAGES = [{"role": "user", "content": "Name a colour."}]
+
+
+def check_exports(model: GPT, tokenizer: Tokenizer, folder: Path, written: list[Path], max_new_tokens: int = 16) -> dict:
+    """Run what was written in the tools that load it, on a chat prompt: transformers' largest logit
+    difference from ours, and how many of our greedy tokens llama.cpp repeats before it first differs
+    (all of them at f32; fewer at lower precision where two tokens are nearly tied)."""
+    prompt = encode_prompt(tokenizer, CHECK_MESSAGES)
+    max_new_tokens = min(max_new_tokens, model.config.context_length - len(prompt))
+    ours = generate(model, [prompt], max_new_tokens=max_new_tokens)[0].tokens
+    checks: dict = {"greedy_tokens": len(ours)}
+    if (folder / "hf").is_dir():
+        checks["hf_max_logit_difference"] = logit_difference(folder / "hf", model, prompt + ours)
+    for path in written:
+        if path.suffix == ".gguf":
+            theirs = greedy_tokens(path, prompt, len(ours))
+            same = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), len(ours))
+            checks[f"greedy_tokens_agreeing.{path.stem.rsplit('-', 1)[-1]}"] = same
+    return checks
+
+
 @flow(name="export", log_prints=True, validate_parameters=False)
 def export_flow(params: Params) -> dict:
     params = as_params(params)
@@ -183,6 +206,7 @@ def export_flow(params: Params) -> dict:
             written = write_exports(model, tokenizer, tmp, p.formats, p.gguf_types, name,
                                     model_card(model, tokenizer, name=name, **card_facts))
         seconds = time.perf_counter() - start
+        checks = check_exports(model, tokenizer, out, [out / path.relative_to(tmp) for path in written])
         stage.log_artifact(out, "export")
         files = {str(path.relative_to(tmp)): (out / path.relative_to(tmp)).stat().st_size for path in written}
         pushed = ""
@@ -193,10 +217,13 @@ def export_flow(params: Params) -> dict:
             except ValueError as err:
                 raise StageError(str(err)) from err
         metrics = {"model": p.model, "name": name, "formats": p.formats, "seconds": round(seconds, 2),
-                   "bytes": files, "pushed_to": pushed}
+                   "bytes": files, "checks": checks, "pushed_to": pushed}
         log.info(f"exported {name} ({', '.join(p.formats)}) to {out} in {seconds:.1f} s")
         summary = (f"Exported `{p.model}` as **{name}** to `{out}` in {seconds:.1f} s:\n\n"
                    + "\n".join(f"- `{path}`: {size / 1e6:.2f} MB" for path, size in files.items())
+                   + "\n\nChecked in the tools that load them: "
+                   + ", ".join(f"{key} {value:.2g}" if isinstance(value, float) else f"{key} {value}"
+                               for key, value in checks.items())
                    + (f"\n\nPushed to {pushed}." if pushed else ""))
         return stage.finish(metrics, summary)
 

@@ -89,6 +89,18 @@ def quantise(source: Path, target: Path, dtype: str) -> None:
         raise RuntimeError(f"llama.cpp could not quantise {source} to {dtype}")
 
 
+def greedy_tokens(path: str | Path, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """What llama.cpp (through llama-cpp-python) decodes greedily from `prompt` with the file at
+    `path`: the check that an export computes what our model does."""
+    from llama_cpp import Llama
+
+    llm = Llama(str(path), n_ctx=len(prompt) + max_new_tokens, n_threads=1, verbose=False)
+    try:
+        return [token for _, token in zip(range(max_new_tokens), llm.generate(prompt, temp=0.0))]
+    finally:
+        llm.close()
+
+
 # --- what the file holds ---------------------------------------------------------------------
 
 def _add_hyperparameters(writer: gguf.GGUFWriter, config: ModelConfig, family: str) -> None:

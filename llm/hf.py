@@ -242,12 +242,21 @@ def export_hf(model: GPT, directory: str | Path, tokenizer: Tokenizer | None = N
     return directory
 
 
+def logit_difference(directory: str | Path, model: GPT, ids: list[int]) -> float:
+    """The largest |logit| difference between an exported folder, run by transformers, and our
+    model on the tokens `ids`: how faithful the export is (fp32: about 1e-6)."""
+    hf_model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+    idx = torch.tensor([ids], device=next(model.parameters()).device)
+    with torch.no_grad():
+        return (hf_model.to(idx.device)(idx).logits - model(idx).logits).abs().max().item()
+
+
 def model_card(model: GPT, tokenizer: Tokenizer, *, name: str, data: list[str] = (), params: dict | None = None,
                metrics: dict | None = None) -> str:
     """README.md of an exported folder: what the model is, how to run it, what made it.
     data: one line per training source; params, metrics: flat name -> value, of the run that made it."""
     family = hf_family(model.config)
-    rows = lambda values: "\n".join(f"| `{k}` | {v} |" for k, v in values.items())  # noqa: E731
+    rows = lambda values: "\n".join(f"| `{k}` | {v} |" for k, v in values.items())
     sections = [
         f"---\nlibrary_name: transformers\npipeline_tag: text-generation\ntags: [llm-from-scratch, {family}]\n---\n",
         f"# {name}\n\nA {num_params(model) / 1e6:.1f} M-parameter {family}-family language model trained from "
@@ -281,7 +290,7 @@ def push_to_hub(folder: str | Path, repo_id: str, files: list[Path] = ()) -> str
     from huggingface_hub.constants import HF_HUB_OFFLINE
 
     if HF_HUB_OFFLINE:
-        raise ValueError("--push needs the network: unset HF_HUB_OFFLINE (the project sets it to 1) and log in "
+        raise ValueError("--push needs the network: set HF_HUB_OFFLINE=0 (the project defaults it to 1) and log in "
                          "with `hf auth login`")
     api = HfApi()
     url = api.create_repo(repo_id, exist_ok=True)

@@ -14,7 +14,7 @@ import torch
 from llm.chat import encode_prompt, stop_token_ids
 from llm.checkpoint import save_model_dir
 from llm.generate import generate
-from llm.gguf import export_gguf
+from llm.gguf import export_gguf, greedy_tokens
 from llm.hf import check_exportable, export_hf, model_card
 from llm.model import GPT, ModelConfig
 from llm.step import train_step
@@ -134,11 +134,11 @@ def test_llama_cpp_runs_the_gguf_like_ours(trained, tokenizer, tmp_path):
     for dtype in ("f32", "f16", "q8_0"):
         path = export_gguf(model, tokenizer, tmp_path / f"tiny-{dtype}.gguf", dtype, name="tiny")
         sizes[dtype] = path.stat().st_size
-        llm = Llama(str(path), n_ctx=64, n_threads=1, verbose=False)
-        try:
-            assert llm.metadata["general.architecture"] == family
-            runs[dtype] = [token for _, token in zip(range(GREEDY_TOKENS), llm.generate(prompt, temp=0.0))]
-            if dtype == "f32":
+        runs[dtype] = greedy_tokens(path, prompt, GREEDY_TOKENS)
+        if dtype == "f32":
+            llm = Llama(str(path), n_ctx=64, n_threads=1, verbose=False)
+            try:
+                assert llm.metadata["general.architecture"] == family
                 for text in texts_to_compare():
                     assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer.encode(text), text
                 assert llm.detokenize(ours).decode() == tokenizer.decode(ours)
@@ -146,9 +146,10 @@ def test_llama_cpp_runs_the_gguf_like_ours(trained, tokenizer, tmp_path):
                 template = llm.metadata["tokenizer.chat_template"]
                 rendered = Jinja2ChatFormatter(template, eos_token="", bos_token="")(messages=MESSAGES).prompt
                 assert rendered == tokenizer.decode(encode_prompt(tokenizer, MESSAGES))
-                assert llm.tokenize(rendered.encode(), add_bos=False, special=True) == encode_prompt(tokenizer, MESSAGES)
-        finally:
-            llm.close()
+                assert llm.tokenize(rendered.encode(), add_bos=False, special=True) == \
+                    encode_prompt(tokenizer, MESSAGES)
+            finally:
+                llm.close()
     assert runs["f32"] == ours
     first_difference = {dtype: next((i for i, (a, b) in enumerate(zip(run, ours)) if a != b), None)
                         for dtype, run in runs.items()}
@@ -177,6 +178,13 @@ def test_tokenizers_the_formats_cannot_hold_are_refused_naming_the_field(tmp_pat
     with pytest.raises(ValueError, match="tokenizer.kind='char'"):
         export_hf(model, tmp_path / "hf", chars)
     assert not list(tmp_path.iterdir())  # refused before writing
+
+
+def test_pushing_is_refused_offline_before_any_network_call(tmp_path):
+    from llm.hf import push_to_hub
+
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE=0"):  # the project runs offline unless told otherwise
+        push_to_hub(tmp_path, "someone/tiny")
 
 
 # --- the export stage ----------------------------------------------------------------------------
@@ -219,6 +227,10 @@ def test_dvc_repro_export_writes_both_formats_and_logs_them_to_mlflow(pipeline_r
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["name"] == "testllm-instruct" and metrics["formats"] == ["hf", "gguf"]
     assert metrics["bytes"]["gguf/testllm-instruct-f32.gguf"] == (out / "gguf/testllm-instruct-f32.gguf").stat().st_size
+    # The stage ran what it wrote: transformers' logits and llama.cpp's greedy tokens against ours.
+    checks = metrics["checks"]
+    assert checks["hf_max_logit_difference"] < 1e-4 and checks["greedy_tokens"] == 16
+    assert checks["greedy_tokens_agreeing.f32"] == 16 and 0 <= checks["greedy_tokens_agreeing.q8_0"] <= 16
     card = (out / "hf/README.md").read_text()  # the model card: metrics beside the model, data, params
     assert "| `val_loss` | 2.5 |" in card and "corpus: `file:/texts/corpus` (CC0)" in card and "pretrain.train.lr" in card
 
