@@ -103,7 +103,8 @@ class Stage:
         self.run = run
         self.pipeline_id = pipeline_id
         self.out_dir = stage_dir(name) if out_dir is None else Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if out_dir is None:  # a folder the user named appears only when the stage writes it whole
+            self.out_dir.mkdir(parents=True, exist_ok=True)
 
     @property
     def mlflow_url(self) -> str:

@@ -59,7 +59,7 @@ def export_gguf(model: GPT, tokenizer: Tokenizer, path: str | Path, dtype: str =
         writer.add_description(description)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
     _add_hyperparameters(writer, model.config, family)
-    _add_tokenizer(writer, tokenizer)
+    _add_tokenizer(writer, tokenizer, model.config.vocab_size)
     for tensor_name, tensor in gguf_tensors(model).items():
         array = tensor.detach().to(torch.float32).cpu().numpy()
         # As llama.cpp's converter: norms, biases (1-D) stay f32, matrices take the file's type.
@@ -119,8 +119,11 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, config: ModelConfig, family: s
         writer.add_rope_dimension_count(config.head_dim)
 
 
-def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Tokenizer) -> None:
+def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Tokenizer, vocab_size: int) -> None:
     pieces = sentencepiece_of(tokenizer, ("bpe",), "GGUF").pieces()
+    # llama.cpp wants one token per embedding row; a model with more rows than the tokenizer has
+    # ids (a vocabulary padded for speed) gets unused placeholders, which text never encodes to.
+    pieces += [(f"<|unused{i}|>", 0.0, gguf.TokenType.UNUSED) for i in range(vocab_size - len(pieces))]
     specials = tokenizer.special_tokens
     writer.add_tokenizer_model("llama")   # llama.cpp's SentencePiece tokenizer: merges by piece score
     writer.add_tokenizer_pre("default")

@@ -157,6 +157,19 @@ def test_llama_cpp_runs_the_gguf_like_ours(trained, tokenizer, tmp_path):
     assert sizes["q8_0"] < sizes["f16"] < sizes["f32"]
 
 
+def test_a_vocabulary_padded_beyond_the_tokenizer_loads_in_llama_cpp(tokenizer, tmp_path):
+    from llama_cpp import Llama
+
+    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size + 6, context_length=16, n_layer=1, n_head=2, d_model=32,
+                            **FAMILIES["llama"]))
+    llm = Llama(str(export_gguf(model, tokenizer, tmp_path / "padded.gguf")), n_ctx=16, verbose=False)
+    try:
+        assert llm.n_vocab() == tokenizer.vocab_size + 6
+        assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == tokenizer.encode(TEXT)
+    finally:
+        llm.close()
+
+
 # --- what the formats cannot express ---------------------------------------------------------
 
 @pytest.mark.parametrize("change, field", [(dict(norm_placement="post"), "norm_placement"),
@@ -294,7 +307,8 @@ def test_export_from_the_registry_to_a_folder_of_ones_choice(workspace, tokenize
 
 
 @pytest.mark.e2e
-def test_bad_input_stops_with_the_field_and_what_would_work_and_writes_nothing(workspace, tokenizer, capsys):
+def test_bad_input_stops_with_the_field_and_what_would_work_and_writes_nothing(workspace, tokenizer, capsys,
+                                                                              monkeypatch):
     out = workspace / "out"
     assert export_cli("--format", "onnx", "--out", str(out)) == "2"  # argparse's usage error
     assert "--format: invalid choice: 'onnx' (choose from 'hf', 'gguf', 'all')" in capsys.readouterr().err
@@ -315,10 +329,20 @@ def test_bad_input_stops_with_the_field_and_what_would_work_and_writes_nothing(w
     assert "qk_norm=True (needs False)" in export_cli("--model", str(qk_norm), "--out", str(out))
     assert not out.exists()
 
+    # A failure while writing leaves neither the folder nor a temporary beside it.
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    good = tiny_model_folder(workspace / "good/model", tokenizer, "gpt2", tie_embeddings=False)
+    monkeypatch.setattr("flows.export.export_gguf", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_cli("--model", str(good), "--out", str(out))
+    monkeypatch.undo()
+    assert not out.exists() and not list(workspace.glob(".out.tmp-*"))
+
     # An output folder holding someone else's files is not replaced.
     (out / "notes").mkdir(parents=True)
     message = export_cli("--model", str(qk_norm.parent.parent / "post/model"), "--out", str(out))
     assert "cannot export" in message  # checked before the folder, so the model's problem comes first
-    good = tiny_model_folder(workspace / "good/model", tokenizer, "gpt2", tie_embeddings=False)
     assert "holds other files" in export_cli("--model", str(good), "--out", str(out))
     assert [p.name for p in out.iterdir()] == ["notes"]
