@@ -116,13 +116,14 @@ def provenance(source: str, params: Params) -> dict:
     if source.startswith(REGISTRY_PREFIX):
         return _registered_run(source)
     folder = Path(source)
-    stage = folder.parent.name
     metrics_file = folder.parent / "metrics.json"
     metrics = _numbers(flatten(read_json(metrics_file))) if metrics_file.is_file() else {}
-    sections = ["pretrain"] + ([stage] if stage in ("instruct", "classify") else [])
-    roles = {"pretrain"} | ({"instruct"} if stage == "instruct" else set())
+    stage = folder.parent.name
+    if stage not in ("pretrain", "instruct"):  # a folder from elsewhere: params.yaml did not make it
+        return {"metrics": metrics}
+    sections = ["pretrain", "instruct"] if stage == "instruct" else ["pretrain"]
     data = [f"{s.name}: `{s.uri}` ({s.licence or 'licence not recorded'}), role {s.role}"
-            for s in params.download.sources if s.role in roles] if stage in ("pretrain", "instruct") else []
+            for s in params.download.sources if s.role in sections]
     settings = {k: v for section in sections for k, v in flatten(getattr(params, section).model_dump(mode="json"),
                                                                      section).items() if v is not None}
     return {"data": data, "params": settings, "metrics": metrics}
