@@ -246,6 +246,7 @@ class ExportParams(Strict):
 
     model: str = Field("data/instruct/model", min_length=1)  # a model folder or models:/NAME@ALIAS
     formats: list[Literal["hf", "gguf"]] = Field(["hf", "gguf"], min_length=1)
+    # llm.gguf.GGUF_TYPES, spelled out: importing llm.gguf would load transformers for every stage
     gguf_types: list[Literal["f32", "f16", "q8_0", "q4_k_m"]] = Field(["f32", "f16", "q8_0"], min_length=1)
     out: str = Field("data/export", min_length=1)
     push: str = Field("", pattern=r"^([\w.-]+/[\w.-]+)?$")  # hub repository OWNER/NAME to upload to; "" = never

@@ -193,6 +193,15 @@ def test_tokenizers_the_formats_cannot_hold_are_refused_naming_the_field(tmp_pat
     assert not list(tmp_path.iterdir())  # refused before writing
 
 
+def test_the_params_schema_offers_every_gguf_type_and_no_other():
+    from typing import get_args
+
+    from flows.params import ExportParams
+    from llm.gguf import GGUF_TYPES
+
+    assert get_args(get_args(ExportParams.model_fields["gguf_types"].annotation)[0]) == GGUF_TYPES
+
+
 def test_pushing_is_refused_offline_before_any_network_call(tmp_path):
     from llm.hf import push_to_hub
 
