@@ -147,7 +147,7 @@ def _name(kind: gguf.MODEL_TENSOR, layer: int | None = None) -> str:
 
 def gguf_tensors(model: GPT) -> dict[str, torch.Tensor]:
     """Our state dict under llama.cpp's tensor names (q/k rows permuted for LLaMA's RoPE)."""
-    config, ours = model.config, model.state_dict()
+    config, ours, family = model.config, model.state_dict(), hf_family(model.config)
     kinds = ("weight", "bias") if config.bias else ("weight",)
     out = {_name(T.TOKEN_EMBD) + ".weight": ours["tok_emb.weight"]}
     if config.position == "learned":
@@ -156,13 +156,13 @@ def gguf_tensors(model: GPT) -> dict[str, torch.Tensor]:
     for i in range(config.n_layer):
         block = f"blocks.{i}."
         pairs = [("norm1", T.ATTN_NORM), ("norm2", T.FFN_NORM), ("attn.proj", T.ATTN_OUT), ("mlp.proj", T.FFN_DOWN)]
-        if hf_family(config) == "gpt2":
+        if family == "gpt2":
             pairs += [("attn.qkv", T.ATTN_QKV), ("mlp.fc", T.FFN_UP)]
         for ours_name, kind in pairs:
             for part in kinds:
                 if block + f"{ours_name}.{part}" in ours:
                     out[f"{_name(kind, i)}.{part}"] = ours[block + f"{ours_name}.{part}"]
-        if hf_family(config) == "llama":
+        if family == "llama":
             for part in ("weight", "bias") if config.qkv_bias else ("weight",):
                 q, k, v = ours[block + f"attn.qkv.{part}"].split([q_rows, kv_rows, kv_rows])
                 out[f"{_name(T.ATTN_Q, i)}.{part}"] = _rotate_half_to_pairs(q, config.n_head)
