@@ -96,13 +96,15 @@ def _parent_run_id(client: MlflowClient, experiment_id: str, run_id: str) -> str
 class Stage:
     """Handle passed to a stage's code: where to write, and how to log."""
 
-    def __init__(self, name: str, params: Params, run: mlflow.ActiveRun, pipeline_id: str):
+    def __init__(self, name: str, params: Params, run: mlflow.ActiveRun, pipeline_id: str,
+                 out_dir: Path | None = None):
         self.name = name
         self.params = params
         self.run = run
         self.pipeline_id = pipeline_id
-        self.out_dir = stage_dir(name)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = stage_dir(name) if out_dir is None else Path(out_dir)
+        if out_dir is None:  # a folder the user named appears only when the stage writes it whole
+            self.out_dir.mkdir(parents=True, exist_ok=True)
 
     @property
     def mlflow_url(self) -> str:
@@ -116,7 +118,8 @@ class Stage:
                            step=step)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        mlflow.log_artifact(str(path), artifact_path)
+        """Log a file, or a folder's files (under artifact_path)."""
+        (mlflow.log_artifacts if Path(path).is_dir() else mlflow.log_artifact)(str(path), artifact_path)
 
     def log_model(self, folder: str | Path, registered_name: str | None) -> str | None:
         """Log a model folder (weights, config, tokenizer/) as artifacts and register it.
@@ -174,8 +177,9 @@ def flatten(data: dict, prefix: str = "", *, lists: bool = True) -> dict[str, An
 
 
 @contextlib.contextmanager
-def stage_run(name: str, params: Params, system_metrics: bool = False) -> Iterator[Stage]:
-    """An MLflow run for one stage, nested under its pipeline run; marks it failed on error."""
+def stage_run(name: str, params: Params, system_metrics: bool = False, out_dir: Path | None = None) -> Iterator[Stage]:
+    """An MLflow run for one stage, nested under its pipeline run; marks it failed on error.
+    out_dir: where metrics.json goes, when not data/<stage> (an export to a folder of the user's)."""
     mlflow.set_tracking_uri(mlflow_tracking_uri())
     client = MlflowClient()
     experiment_id = _experiment_id(client, params.project.experiment)
@@ -189,7 +193,7 @@ def stage_run(name: str, params: Params, system_metrics: bool = False) -> Iterat
     with mlflow.start_run(experiment_id=experiment_id, run_name=name, parent_run_id=parent, nested=True,
                           tags=run_tags, log_system_metrics=system_metrics) as run:
         mlflow.log_params({**flatten(params.project.model_dump(mode="json"), "project"), **_section_params(params, name)})
-        yield Stage(name, params, run, pipeline_id)
+        yield Stage(name, params, run, pipeline_id, out_dir)
 
 
 def _section_params(params: Params, name: str) -> dict[str, Any]:
@@ -221,6 +225,11 @@ def main(flow: Callable[[Params], Any], name: str, argv: list[str] | None = None
         params = load_params(args.params)
     except ConfigError as err:
         sys.exit(f"error: {err}")
+    run_stage(flow, name, params)
+
+
+def run_stage(flow: Callable[[Params], Any], name: str, params: Params) -> None:
+    """Run a stage's flow with validated params: here, or on the work pool (execution.mode)."""
     os.environ[PIPELINE_RUN_ENV] = pipeline_id = pipeline_run_id()  # one id for the flow and the MLflow run
     execution = params.execution
     try:

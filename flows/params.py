@@ -271,6 +271,17 @@ class JudgeParams(Strict):
         return self
 
 
+class ExportParams(Strict):
+    """What the export stage writes (flows/export.py); its command line overrides these."""
+
+    model: str = Field("data/instruct/model", min_length=1)  # a model folder or models:/NAME@ALIAS
+    formats: list[Literal["hf", "gguf"]] = Field(["hf", "gguf"], min_length=1)
+    # llm.gguf.GGUF_TYPES, spelled out: importing llm.gguf would load transformers for every stage
+    gguf_types: list[Literal["f32", "f16", "q8_0", "q4_k_m"]] = Field(["f32", "f16", "q8_0"], min_length=1)
+    out: str = Field("data/export", min_length=1)
+    push: str = Field("", pattern=r"^([\w.-]+/[\w.-]+)?$")  # hub repository OWNER/NAME to upload to; "" = never
+
+
 # --- where stages run -----------------------------------------------------------------------------
 
 class ExecutionParams(Strict):
@@ -279,7 +290,7 @@ class ExecutionParams(Strict):
 
     mode: Literal["local", "pool"] = "local"
     pool: str = Field("llm-gpu", min_length=1)
-    stages: list[Literal["download", "tokenizer", "pack", "pretrain", "classify", "instruct", "judge"]] = \
+    stages: list[Literal["download", "tokenizer", "pack", "pretrain", "classify", "instruct", "judge", "export"]] = \
         ["pretrain", "classify", "instruct"]
     pickup_timeout_s: float = Field(120.0, gt=0)  # no worker took the run by then: cancel, fail the stage
     timeout_s: float = Field(86400.0, gt=0)       # the run has not finished by then: cancel, fail
@@ -297,6 +308,7 @@ class Params(Strict):
     classify: ClassifyParams = ClassifyParams()
     instruct: InstructParams = InstructParams()
     judge: Optional[JudgeParams] = None
+    export: ExportParams = ExportParams()
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -310,6 +322,16 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         return Params.model_validate_json(json.dumps(raw))
     except ValidationError as err:
         raise ConfigError("\n".join(f"{path}: {line}" for line in _describe(err))) from None
+
+
+def with_changes(params: Params, section: str, **changes: Any) -> Params:
+    """`params` with some keys of one section changed (a command line's options), validated as
+    params.yaml is; a ConfigError names the key."""
+    values = {**getattr(params, section).model_dump(mode="json"), **changes}
+    try:
+        return params.model_copy(update={section: type(getattr(params, section)).model_validate_json(json.dumps(values))})
+    except ValidationError as err:
+        raise ConfigError("\n".join(f"{section}.{line}" for line in _describe(err))) from None
 
 
 def _describe(err: ValidationError) -> list[str]:
