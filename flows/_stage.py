@@ -225,11 +225,12 @@ def main(flow: Callable[[Params], Any], name: str, argv: list[str] | None = None
         params = load_params(args.params)
     except ConfigError as err:
         sys.exit(f"error: {err}")
-    run_stage(flow, name, params)
+    run_stage(flow, name, params, **flow_options)
 
 
-def run_stage(flow: Callable[[Params], Any], name: str, params: Params) -> None:
-    """Run a stage's flow with validated params: here, or on the work pool (execution.mode)."""
+def run_stage(flow: Callable[[Params], Any], name: str, params: Params, **flow_options: Any) -> None:
+    """Run a stage's flow with validated params: here, or on the work pool (execution.mode).
+    flow_options: the stage's own options, as keyword arguments of the flow."""
     os.environ[PIPELINE_RUN_ENV] = pipeline_id = pipeline_run_id()  # one id for the flow and the MLflow run
     execution = params.execution
     try:
