@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+# Prefect binds its console log handler to the sys.stderr of the moment it is first imported.
+# Import it here, under pytest's session-wide capture, not first inside a test whose capsys
+# stream is closed after it (later in-process flow runs then fail writing their logs).
+import prefect.main  # noqa: E402, F401, I001
 import pytest
 
 import flows  # noqa: F401  (the project's quiet/offline environment defaults)
