@@ -5,6 +5,12 @@ stage and the server load), data/pretrain/curves/{train,val}.csv (DVC plots), sa
 the trained model writes), metrics.json (with the unigram baseline its val loss must beat).
 Registered in MLflow as <project.name>-base.
 
+Snapshots (llm.snapshots, `pretrain.snapshots`): at step 0 and at evenly spaced evaluations the
+weights (float16) and what the model does with a probe text and one training row (token
+probabilities, top-k, attention of every head). Taken into the run's checkpoint folder (so a
+resumed run keeps them), copied into the model folder's snapshots/ at the end: DVC tracks them
+with the model, MLflow logs them with it, and the server's training timeline reads them there.
+
 Checkpoints live in data/pretrain/checkpoints/<run key>/, which DVC keeps between runs
 (`persist: true`): a run killed at any point continues from its last checkpoint when the stage
 runs again with the same settings, while changed settings get a fresh folder (and a fresh run).
@@ -41,9 +47,10 @@ from llm.data import TokenDataset, unigram_loss
 from llm.files import atomic_dir
 from llm.generate import generate
 from llm.model import GPT, ModelConfig, num_params
+from llm.snapshots import SNAPSHOTS_DIR, Probe, SnapshotConfig, Snapshots, chosen_steps, list_steps, probe_bits
 from llm.step import TrainingDiverged
 from llm.tokenizer import load_tokenizer
-from llm.train import TrainConfig, TrainResult, global_tokens_per_step, perplexity, train
+from llm.train import TrainConfig, TrainResult, evaluation_steps, global_tokens_per_step, perplexity, train
 
 OUT = stage_dir("pretrain")
 DDP_RANK = "--ddp-rank"                   # argv of the torchrun processes of a multi-device run
@@ -112,8 +119,31 @@ def datasets(model_config: ModelConfig, train_config: TrainConfig, tokenizer) ->
     return train_data, val_data
 
 
-def callbacks(curves: Curves, log_metrics, info):
-    """train()'s on_step / on_eval: curves, MLflow metrics, samples in the log."""
+def snapshots_of(config: SnapshotConfig, folder: Path, train_config: TrainConfig, tokenizer,
+                 train_data: TokenDataset) -> Snapshots | None:
+    """The run's snapshot taker (None with keep: 0): the probe text and the first training row."""
+    if config.keep == 0:
+        return None
+    probes = [Probe("probe text", tokenizer.encode(config.probe_text)),
+              Probe("training row", train_data.batch(0)[0][0].tolist())]
+    steps = chosen_steps(evaluation_steps(train_config), config.keep)
+    return Snapshots(folder, config, steps, probes, tokenizer.token_text)
+
+
+def snapshot(snapshots: Snapshots | None, model: GPT, step: int, val_loss: float | None, log_metrics, info) -> None:
+    """Take the snapshot of `step` if it is a chosen one; log the probes' bits per token."""
+    if snapshots is None or not snapshots.wanted(step):
+        return
+    began = time.perf_counter()
+    taken = snapshots.take(model, step, val_loss)
+    bits = probe_bits(taken)
+    log_metrics({f"snapshot.{name.replace(' ', '_')}_bits": value for name, value in bits.items()}, step=step)
+    info(f"snapshot at step {step} ({time.perf_counter() - began:.2f} s): "
+         + ", ".join(f"{name} {value:.2f} bits/token" for name, value in bits.items()))
+
+
+def callbacks(curves: Curves, log_metrics, info, snapshots: Snapshots | None = None, model: GPT | None = None):
+    """train()'s on_step / on_eval: curves, MLflow metrics, samples in the log, snapshots."""
     def on_step(step: int, m: dict) -> None:
         curves.add_train(step, m["loss"], m["lr"], m["grad_norm"])
         log_metrics({k: v for k, v in m.items() if v is not None}, step=step + 1)
@@ -123,6 +153,7 @@ def callbacks(curves: Curves, log_metrics, info):
         log_metrics({"val_loss": m["val_loss"], "val_ppl": m["val_ppl"]}, step=step)
         if m.get("sample"):
             info(f"sample at step {step}: {m['sample']!r}")
+        snapshot(snapshots, model, step, m["val_loss"], log_metrics, info)
 
     return on_step, on_eval
 
@@ -150,6 +181,9 @@ def pretrain_flow(params: Params) -> dict:
     key = run_key(model_config.to_dict(), {k: v for k, v in vars(train_config).items() if k != "progress"},
                   train_data.meta["tokenizer_fingerprint"], train_data.meta["num_tokens"])
     checkpoints = OUT / "checkpoints" / key
+    if train_config.resume == "never":
+        shutil.rmtree(checkpoints / SNAPSHOTS_DIR, ignore_errors=True)   # the run starts over: so do its snapshots
+    snapshots = snapshots_of(p.snapshots.build(), checkpoints / SNAPSHOTS_DIR, train_config, tokenizer, train_data)
     torch.manual_seed(train_config.seed)  # the initial weights too: same params, same model
     model = GPT(model_config)
     shape = p.model.preset + (f" at depth {p.model.depth}" if p.model.depth else "")
@@ -158,12 +192,14 @@ def pretrain_flow(params: Params) -> dict:
              f"{train_data.meta['num_tokens']:,} training tokens")
 
     with stage_run("pretrain", params, system_metrics=True) as stage:
+        snapshot(snapshots, model, 0, None, stage.log_metrics, log.info)   # the untrained model
         if devices > 1 or os.environ.get(FORCE_TORCHRUN_ENV) == "1":
             # Multi-device: torchrun processes train; rank 0 writes curves, metrics, checkpoints.
-            result = train_with_torchrun(devices, model, train_config, checkpoints, tokens_per_step, stage.run.info.run_id)
+            result = train_with_torchrun(devices, model, train_config, checkpoints, tokens_per_step, stage.run.info.run_id,
+                                         p.snapshots.build())
         else:
             curves = Curves(OUT / "curves", tokens_per_step)
-            on_step, on_eval = callbacks(curves, stage.log_metrics, log.info)
+            on_step, on_eval = callbacks(curves, stage.log_metrics, log.info, snapshots, model)
             try:
                 result = train(model, train_data, val_data, train_config, checkpoints,
                                on_step=on_step, on_eval=on_eval, sample_fn=sampler(tokenizer))
@@ -175,6 +211,8 @@ def pretrain_flow(params: Params) -> dict:
 
         with atomic_dir(BASE_MODEL) as tmp:
             save_model_dir(model, tokenizer, tmp)  # the tokenizer as the tokenizer stage saved it
+            if snapshots is not None:
+                snapshots.finish(result.history, tmp / SNAPSHOTS_DIR)
         for stale in (OUT / "checkpoints").iterdir():
             if stale.name != key:  # checkpoints of settings no longer in params
                 shutil.rmtree(stale)
@@ -190,6 +228,7 @@ def pretrain_flow(params: Params) -> dict:
             "unigram_val_loss": unigram,
             "tokens_per_s": result.tokens_per_s, "elapsed_s": result.elapsed_s,
             "resumed_from_step": result.resumed_from or 0, "registered_version": int(version or 0),
+            **snapshot_metrics(BASE_MODEL / SNAPSHOTS_DIR),
             **result.diagnosis.metrics(),
         }
         samples = final_samples(model, tokenizer, max(train_config.sample_tokens, 32))
@@ -208,6 +247,12 @@ def pretrain_flow(params: Params) -> dict:
         return stage.finish(metrics, summary)
 
 
+def snapshot_metrics(folder: Path) -> dict:
+    """How many snapshots the model folder carries and their size on disk."""
+    files = [f for f in folder.rglob("*") if f.is_file()] if folder.is_dir() else []
+    return {"snapshots": len(list_steps(folder)), "snapshots_mb": round(sum(f.stat().st_size for f in files) / 2**20, 2)}
+
+
 def rewrite_curves(folder: Path, history: dict, tokens_per_step: int) -> None:
     """After a resume the CSVs hold only this invocation's steps: rewrite them from the full history."""
     c = Curves(folder, tokens_per_step)
@@ -223,7 +268,7 @@ def rewrite_curves(folder: Path, history: dict, tokens_per_step: int) -> None:
 # --- several devices: torchrun processes ------------------------------------------------------------
 
 def train_with_torchrun(devices: int, model: GPT, train_config: TrainConfig, checkpoints: Path,
-                        tokens_per_step: int, mlflow_run_id: str) -> TrainResult:
+                        tokens_per_step: int, mlflow_run_id: str, snapshot_config: SnapshotConfig) -> TrainResult:
     """Train in `devices` processes under torchrun and wait; load the trained weights into `model`.
 
     The processes get the configs in a job file and run `ddp_rank`; rank 0 writes the result
@@ -233,7 +278,8 @@ def train_with_torchrun(devices: int, model: GPT, train_config: TrainConfig, che
         job, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job.write_text(json.dumps({"model": model.config.to_dict(), "train": train_config.to_dict(),
                                    "checkpoints": str(checkpoints), "tokens_per_step": tokens_per_step,
-                                   "mlflow_run_id": mlflow_run_id, "result": str(result_file)}))
+                                   "mlflow_run_id": mlflow_run_id, "result": str(result_file),
+                                   "snapshots": snapshot_config.to_dict()}))
         target = ["-m", "flows.pretrain", DDP_RANK, str(job)]
         log.info(f"training in {devices} process(es): {' '.join(distributed.torchrun_command(devices, target))}")
         status = distributed.run_torchrun(devices, target)
@@ -273,7 +319,9 @@ def ddp_rank(job_file: Path) -> None:
                                                             for k, v in metrics.items()])
 
         curves = Curves(OUT / "curves", job["tokens_per_step"])
-        on_step, on_eval = callbacks(curves, log_metrics, print)
+        snapshots = snapshots_of(SnapshotConfig.from_dict(job["snapshots"]), Path(job["checkpoints"]) / SNAPSHOTS_DIR,
+                                 train_config, tokenizer, train_data)
+        on_step, on_eval = callbacks(curves, log_metrics, print, snapshots, model)
     try:
         result = train(model, train_data, val_data, train_config, job["checkpoints"],
                        on_step=on_step, on_eval=on_eval, sample_fn=sampler(tokenizer))

@@ -262,6 +262,8 @@ class ModelCard(Loose):
     max_tokens: int
     source: str
     config: dict[str, Any] = Field(description="The model's architecture (llm.model.ModelConfig).")
+    snapshots: list[int] = Field(description="Training steps this model kept a snapshot of (GET /v1/snapshots; "
+                                             "`step` in /v1/introspect); empty if none.")
 
 
 class ModelList(Loose):
@@ -330,6 +332,8 @@ class IntrospectRequest(Strict):
     top_k: int = Field(5, ge=1, description="Candidates per position, for the next token and the logit lens.")
     attention: AttentionRequest | None = Field(None, description="Attention maps to return (none by default).")
     logit_lens: bool = Field(False, description="Top-k read-out of the residual stream after every layer.")
+    step: int | None = Field(None, ge=0, description="Ask the model as it was at this training step (one of "
+                                                     "GET /v1/models' `snapshots`); the trained model if omitted.")
 
     @model_validator(mode="after")
     def _one_input(self):
@@ -374,10 +378,50 @@ class LensLayer(Loose):
 
 class IntrospectResponse(Loose):
     model: str
+    step: int | None = Field(description="The snapshot's training step; null for the trained model.")
     tokens: list[IntrospectToken]
     attention: list[LayerAttention] | None
     logit_lens: list[LensLayer] | None
     caps: dict[str, int] = Field(description="The size caps this server applies to introspection requests.")
+
+
+# --- training snapshots ----------------------------------------------------------------------------
+
+class Curve(Loose):
+    steps: list[int]
+    loss: list[float] = Field(description="loss[i] at steps[i]")
+
+
+class SnapshotList(Loose):
+    model: str
+    steps: list[int] = Field(description="The snapshots' training steps (optimizer updates done).")
+    probes: list[str] = Field(description="The names of the fixed texts every snapshot recorded.")
+    train: Curve = Field(description="The training loss of every update of the run.")
+    val: Curve = Field(description="The validation loss of every evaluation of the run.")
+
+
+class SnapshotToken(Loose):
+    position: int
+    id: int
+    text: str
+    prob: float | None = Field(description="p(token | tokens before it) at that step; null for the first token.")
+    surprisal_bits: float | None
+    next: list[Candidate]
+
+
+class SnapshotProbe(Loose):
+    name: str
+    text: str
+    ids: list[int]
+    tokens: list[SnapshotToken]
+    attention: list[LayerAttention] = Field(description="Every layer and head.")
+
+
+class SnapshotRecord(Loose):
+    model: str
+    step: int
+    val_loss: float | None = Field(description="Validation loss at that step; null at step 0.")
+    probes: list[SnapshotProbe]
 
 
 @dataclass

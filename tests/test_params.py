@@ -96,3 +96,12 @@ def test_the_depth_dial_builds_the_model_and_a_bad_depth_is_named(tmp_path):
     data["pretrain"]["model"]["depth"] = 0
     with pytest.raises(ConfigError, match=r"pretrain.model.*depth must be an integer >= 1"):
         load_params(write(tmp_path, data))
+
+
+def test_snapshot_settings_are_checked_with_the_pretrain_section(tmp_path):
+    data = base()
+    data["pretrain"] = {"snapshots": {"keep": 2, "tokens": 16}}
+    assert load_params(write(tmp_path, data)).pretrain.snapshots.build().keep == 2
+    data["pretrain"]["snapshots"]["keep"] = -1
+    with pytest.raises(ConfigError, match=r"pretrain.snapshots.*keep must be >= 0"):
+        load_params(write(tmp_path, data))

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from llm.checkpoint import load_checkpoint
 from llm.classify import Classifier
 from llm.data import TokenDataset
+from llm.snapshots import list_steps, read_record
 from llm.tokenizer import load_tokenizer
 
 import sample_sources as samples
@@ -68,6 +69,10 @@ def test_tiny_pipeline_end_to_end(pipeline_repo, prefect_api, judge_gguf, tmp_pa
     assert "val_loss" in dvc(repo, "plots", "show", "--json", env=env).stdout
     assert 0 < pretrain["unigram_val_loss"] < math.log(400)  # frequencies beat uniform guessing
     assert len((repo / "data/pretrain/samples.txt").read_text().strip()) > 0
+    # Snapshots of the run travel in the model folder: step 0 and each evaluation, with records.
+    assert list_steps(repo / "data/pretrain/model/snapshots") == [0, 15, 30] and pretrain["snapshots"] == 3
+    assert [p["name"] for p in read_record(repo / "data/pretrain/model/snapshots", 15)["probes"]] == [
+        "probe text", "training row"]
 
     # Same params, same model: a second run from scratch reproduces the weights bit for bit
     # (the initial weights are seeded too, not only the training).

@@ -141,6 +141,8 @@ def test_logit_lens_grid_and_config(page_after_generation, tmp_path):
         "#config tr", "rows => rows.map(r => [r.cells[0].textContent, r.cells[1].textContent])"))
     assert config["n_layer"] == str(N_LAYER) and config["n_head"] == str(N_HEAD)
     assert page.inner_text("#model-name") == "tiny"
+    # The training timeline says why it has nothing to show: this model kept no snapshots.
+    assert "has no training snapshots" in page.inner_text("#tl-note") and page.is_hidden("#tl-view")
     page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
     assert (tmp_path / "page.png").stat().st_size > 10_000
 
