@@ -212,7 +212,7 @@ def pretrain_flow(params: Params) -> dict:
         with atomic_dir(BASE_MODEL) as tmp:
             save_model_dir(model, tokenizer, tmp)  # the tokenizer as the tokenizer stage saved it
             if snapshots is not None:
-                snapshots.finish(result.history, tmp / SNAPSHOTS_DIR)
+                snapshots.finish(model, result.history, tmp / SNAPSHOTS_DIR)
         for stale in (OUT / "checkpoints").iterdir():
             if stale.name != key:  # checkpoints of settings no longer in params
                 shutil.rmtree(stale)

@@ -17,7 +17,7 @@ On disk, one folder per snapshot and the run's loss curves:
     <folder>/step_0000200/record.json         {"step", "val_loss", "probes": [{"name", "text", "ids",
                                                "tokens": token_table rows, "attention": layers}]}
     <folder>/curves.json                      {"train": [[step, loss], ...], "val": [[step, loss], ...]}
-    <folder>/settings.json                    the SnapshotConfig and probe ids the records were made with
+    <folder>/settings.json                    what the records were made with (probe text and ids, tokens, top_k)
 
 The pretrain stage keeps them inside its model folder (`snapshots/`), so a logged or registered
 model carries its own history, and the server finds them next to the weights.
@@ -26,6 +26,7 @@ Like the rest of llm/, this module knows nothing of pipelines or servers.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -115,22 +116,28 @@ def save_half(model: torch.nn.Module, path: Path) -> None:
 
 
 class Snapshots:
-    """Takes the snapshots of one run into `folder` (call `take` at step 0 and at each evaluation).
+    """Takes the snapshots of one run into `folder` (call `take` at step 0 and at each evaluation,
+    `finish` at the end).
 
     The folder may hold snapshots of this same run from before a restart: they are kept and not
-    taken again, unless they were made with other settings (then the folder starts over)."""
+    taken again. If their records were made with other probes (the probe text, `tokens` or
+    `top_k` changed), `finish` records them again from their own weights, so changing what is
+    recorded never needs the run to be trained again."""
 
     def __init__(self, folder: str | Path, config: SnapshotConfig, steps: Sequence[int], probes: Sequence[Probe],
                  decode_token: Callable[[int], str]):
         self.folder, self.config, self.steps = Path(folder), config, set(steps)
         self.probes = [Probe(p.name, [int(t) for t in p.ids][:config.tokens]) for p in probes]
         self.decode_token = decode_token
-        settings = {"config": config.to_dict(), "probes": [vars(p) for p in self.probes]}
+        # What the records depend on (not `keep`: which steps are kept does not change a record).
+        self.settings = {"probe_text": config.probe_text, "tokens": config.tokens, "top_k": config.top_k,
+                         "probes": [vars(p) for p in self.probes]}
         settings_file = self.folder / SETTINGS_FILE
-        if self.folder.exists() and (not settings_file.exists() or read_json(settings_file) != settings):
-            shutil.rmtree(self.folder)   # records made with another probe or size would not compare
+        self.stale = bool(list_steps(self.folder)) and (
+            not settings_file.exists() or read_json(settings_file) != self.settings)
         self.folder.mkdir(parents=True, exist_ok=True)
-        write_json(settings_file, settings)
+        if not self.stale:   # else written once the old records are made again (finish)
+            write_json(settings_file, self.settings)
 
     def wanted(self, step: int) -> bool:
         return step in self.steps and not (self.folder / checkpoint_name(step) / RECORD_FILE).exists()
@@ -143,12 +150,15 @@ class Snapshots:
                   "probes": record(model, self.probes, self.decode_token, self.config.top_k)}
         with atomic_dir(self.folder / checkpoint_name(step)) as tmp:   # complete or absent
             save_half(model, tmp / WEIGHTS_FILE)
-            (tmp / RECORD_FILE).write_text(json.dumps(result, ensure_ascii=False, separators=(",", ":")))
+            _write_record(tmp / RECORD_FILE, result)
         return result
 
-    def finish(self, history: dict[str, list], into: str | Path) -> Path:
-        """Write the run's loss curves and copy the snapshots into `into` (a model folder's
-        `snapshots/`); steps no longer chosen (settings changed) are left out."""
+    def finish(self, model: GPT, history: dict[str, list], into: str | Path) -> Path:
+        """Record stale snapshots again (with a copy of `model`, the run's model), write the run's
+        loss curves, and copy the snapshots into `into` (a model folder's `snapshots/`); steps no
+        longer chosen (`keep` changed) are left out."""
+        if self.stale:
+            self._record_again(model)
         write_json(self.folder / CURVES_FILE, {"train": [list(p) for p in history.get("train_loss", [])],
                                                "val": [list(p) for p in history.get("val_loss", [])]})
         into = Path(into)
@@ -159,6 +169,21 @@ class Snapshots:
             if step in self.steps:
                 shutil.copytree(self.folder / checkpoint_name(step), into / checkpoint_name(step))
         return into
+
+    def _record_again(self, model: GPT) -> None:
+        at = copy.deepcopy(model)
+        for step in list_steps(self.folder):
+            path = self.folder / checkpoint_name(step) / RECORD_FILE
+            old = read_json(path)
+            load_snapshot(at, self.folder, step, next(model.parameters()).device)
+            new = {**old, "probes": record(at, self.probes, self.decode_token, self.config.top_k)}
+            _write_record(path, new)
+        write_json(self.folder / SETTINGS_FILE, self.settings)
+        self.stale = False
+
+
+def _write_record(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")))   # compact: mostly numbers
 
 
 def probe_bits(result: dict) -> dict[str, float]:

@@ -147,7 +147,7 @@ def make_model_dir_with_snapshots(folder: Path, steps: int = 40, keep: int = 3, 
     result = train(model, train_data, val_data, config, work,
                    on_eval=lambda step, m: snapshots.take(model, step, m["val_loss"]))
     save_model_dir(model, tokenizer, folder)
-    snapshots.finish(result.history, folder / SNAPSHOTS_DIR)
+    snapshots.finish(model, result.history, folder / SNAPSHOTS_DIR)
     return folder
 
 

@@ -87,17 +87,28 @@ def test_float16_weights_give_back_the_recorded_numbers(trained):
         assert math.isclose(recorded["prob"], now["prob"], abs_tol=2e-3)
 
 
-def test_a_restart_keeps_snapshots_taken_with_the_same_settings_and_drops_others(tmp_path):
+def test_a_restart_keeps_its_snapshots_and_records_them_again_if_the_probes_changed(tmp_path):
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=16, context_length=8, n_layer=1, n_head=2, d_model=16))
     probes = [Probe("probe text", [1, 2, 3, 4])]
     config = SnapshotConfig(keep=3, probe_text="x", tokens=4)
     snapshots = Snapshots(tmp_path, config, [0, 5, 10], probes, str)
-    assert snapshots.take(model, 0) is not None and snapshots.take(model, 3) is None   # 3 is not chosen
-    again = Snapshots(tmp_path, config, [0, 5, 10], probes, str)
-    assert list_steps(tmp_path) == [0] and not again.wanted(0) and again.wanted(5)
-    Snapshots(tmp_path, SnapshotConfig(keep=3, probe_text="x", tokens=3), [0, 5, 10], probes, str)
-    assert list_steps(tmp_path) == []   # recorded with 4 tokens: they would not compare
-    snapshots.take(model, 5)
-    out = snapshots.finish({"train_loss": [(0, 2.5)], "val_loss": []}, tmp_path / "model" / SNAPSHOTS_DIR)
-    assert list_steps(out) == [5] and read_curves(out) == {"train": [[0, 2.5]], "val": []}
+    first = snapshots.take(model, 0)
+    assert first is not None and snapshots.take(model, 3) is None   # 3 is not chosen
+    again = Snapshots(tmp_path, SnapshotConfig(keep=2, probe_text="x", tokens=4), [0, 10], probes, str)
+    assert list_steps(tmp_path) == [0] and not again.wanted(0) and again.wanted(10) and not again.stale
+
+    # Three tokens recorded instead of four: the kept snapshot is recorded again from its weights.
+    fewer = Snapshots(tmp_path, SnapshotConfig(keep=3, probe_text="x", tokens=3), [0, 5, 10], probes, str)
+    assert fewer.stale and not fewer.wanted(0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(3)   # the run's model has moved on since step 0
+    fewer.take(model, 5)
+    out = fewer.finish(model, {"train_loss": [(0, 2.5)], "val_loss": []}, tmp_path / "model" / SNAPSHOTS_DIR)
+    assert list_steps(out) == [0, 5] and read_curves(out) == {"train": [[0, 2.5]], "val": []}
+    assert [len(read_record(out, step)["probes"][0]["ids"]) for step in (0, 5)] == [3, 3]
+    # Step 0 was recorded again with step 0's weights (causal: its first 3 positions are as before).
+    probs = {step: [t["prob"] for t in read_record(out, step)["probes"][0]["tokens"][1:]] for step in (0, 5)}
+    assert probs[0] == pytest.approx([t["prob"] for t in first["probes"][0]["tokens"][1:3]], abs=2e-3)
+    assert probs[5] != pytest.approx(probs[0], abs=2e-3)
+    assert not Snapshots(tmp_path, SnapshotConfig(keep=3, probe_text="x", tokens=3), [0, 5], probes, str).stale
