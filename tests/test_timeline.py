@@ -1,11 +1,18 @@
 """The training timeline, end to end: a tiny model trained by the real loop with snapshots, served
 by the real server; its snapshot endpoints over HTTP, then the page in headless Chromium: move a
 step slider and the probabilities and attention change to the recorded ones, the heatmap's axes
-carry the tokens, hovering a cell names query, key and weight, a pinned head stays in view."""
+carry the tokens, hovering a cell names query, key and weight, a pinned head stays in view.
+
+Also a small CLI for a picture of the timeline of a real model:
+
+    .venv/bin/python tests/test_timeline.py --model data/pretrain/model --out docs/timeline.png
+"""
 
 from __future__ import annotations
 
+import argparse
 import math
+from pathlib import Path
 
 import httpx
 import pytest
@@ -152,3 +159,22 @@ def test_the_timeline_compares_two_steps_and_its_heatmaps_are_readable(server, t
         assert probabilities(page, "b") == recorded(records[40], probe=1)
         page.screenshot(path=str(tmp_path / "timeline.png"), full_page=True)
         assert (tmp_path / "timeline.png").stat().st_size > 10_000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Screenshot the training timeline of a model with snapshots.")
+    parser.add_argument("--model", default="data/pretrain/model", help="a model folder or models:/NAME@ALIAS")
+    parser.add_argument("--out", type=Path, default=Path("docs/timeline.png"))
+    args = parser.parse_args()
+    with running("--model", args.model, "--seed", "0") as server, browser_page() as page:
+        page.goto(server.url)
+        expect(page.locator("#tl-b .heatmap")).to_have_count(1, timeout=30_000)
+        page.click("#tl-pin")                   # layer 0's head 0, kept beside the next layer's
+        page.select_option("#tl-layer", "1")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        page.locator("#timeline").screenshot(path=str(args.out))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
