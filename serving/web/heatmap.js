@@ -1,7 +1,7 @@
 // Attention heatmaps you can read: the tokens on both axes (rows: the query, the token that
 // attends; columns: the key, the token attended to), and hovering a cell names the query token,
 // the key token and the weight. The pixels are page.js's paint() (one pixel per cell, square-root
-// scale), scaled up by CSS. Used by timeline.js; no libraries.
+// scale), scaled up by CSS. Used by timeline.js, and by page.js for its big heatmap's axes.
 "use strict";
 
 const SPACE = "\u00b7";  // a visible space: tokens often start with one
@@ -15,10 +15,9 @@ function readableHeatmap(weights, tokens, caption) {
   const n = weights.length;
   const figure = document.createElement("figure");
   figure.className = "heatmap";
-  figure.style.setProperty("--n", n);
-  figure.style.setProperty("--cell", `${Math.max(6, Math.min(16, Math.floor(320 / n)))}px`);
-  const keys = axis("hm-keys", tokens);
-  const queries = axis("hm-queries", tokens);
+  const keys = document.createElement("div");
+  const queries = document.createElement("div");
+  labelAxes(figure, keys, queries, tokens, Math.max(6, Math.min(16, Math.floor(320 / n))));
   const canvas = document.createElement("canvas");
   paint(canvas, weights);
   const readout = document.createElement("figcaption");
@@ -48,15 +47,23 @@ function readableHeatmap(weights, tokens, caption) {
   return figure;
 }
 
-function axis(className, tokens) {
-  const labels = document.createElement("div");
-  labels.className = className;
-  tokens.forEach((text, i) => {
-    const label = document.createElement("span");
-    label.textContent = visibleToken(text);
-    label.dataset.index = i;
-    label.title = `${i}: ${JSON.stringify(text)}`;
-    labels.append(label);
-  });
-  return labels;
+// Fill the key axis (along the top) and the query axis (down the left) of an n x n map whose
+// cells are `cell` pixels; `box` holds both and gets the sizes (CSS variables --n and --cell).
+// Cells too small to read get a label every few tokens.
+function labelAxes(box, keys, queries, tokens, cell) {
+  box.style.setProperty("--n", tokens.length);
+  box.style.setProperty("--cell", `${cell}px`);
+  const every = Math.ceil(8 / cell);
+  for (const [labels, className] of [[keys, "hm-keys"], [queries, "hm-queries"]]) {
+    labels.className = className;
+    labels.replaceChildren(...tokens.flatMap((text, i) => {
+      if (i % every) return [];
+      const label = document.createElement("span");
+      label.textContent = visibleToken(text);
+      label.dataset.index = i;
+      label.title = `${i}: ${JSON.stringify(text)}`;
+      label.style.setProperty("--span", Math.min(every, tokens.length - i));
+      return [label];
+    }));
+  }
 }

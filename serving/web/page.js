@@ -226,6 +226,9 @@ function drawHeatmap() {
   canvas.dataset.layer = state.attention.layer;
   canvas.dataset.head = head;
   canvas.dataset.size = map.weights.length;
+  // The tokens on both axes (heatmap.js), at the canvas's 420 CSS pixels.
+  const tokens = state.tokens.map((t) => t.text);
+  labelAxes($("heatmap-grid"), $("heatmap-keys"), $("heatmap-queries"), tokens, 420 / tokens.length);
 }
 
 // One pixel per (query, key) cell: white (0) to dark blue (1), on a square-root scale so that
