@@ -19,7 +19,7 @@ from prefect.logging import get_run_logger
 from flows._stage import BASE_MODEL, CLASSIFIER_MODEL, SOURCES, StageError, as_params, main, stage_dir, stage_run
 from flows.params import Params
 from llm.checkpoint import load_checkpoint, load_model_dir
-from llm.classify import LabeledTexts, labeled_texts, majority_baseline, stratified_split, train_classifier
+from llm.classify import LabeledTexts, labeled_texts, labelled_share, majority_baseline, stratified_split, train_classifier
 from llm.files import atomic_dir
 from llm.model import GPT
 from llm.sources import iter_documents
@@ -73,6 +73,7 @@ def classify_flow(params: Params) -> dict:
         data, report = labeled_texts([r.get("text") for r in records], [r.get("label") for r in records],
                                      config.labels, unknown_labels=config.unknown_labels)
         train, val, test = stratified_split(data, config.val_fraction, config.test_fraction, config.seed)
+        train = labelled_share(train, config.train_fraction, config.seed)
     except ValueError as err:
         raise StageError(str(err)) from err
     base_model, tokenizer = load_model_dir(BASE_MODEL)

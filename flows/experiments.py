@@ -45,22 +45,22 @@ import yaml
 import flows  # noqa: F401  (environment defaults)
 from flows.params import Params, _describe
 from llm.diagnose import diagnose
-from llm.experiment_report import write_index, write_report
+from llm.experiment_report import write_index, write_measurement_report, write_report
 from llm.experiments import (
     Catalogue,
     CatalogueError,
     Experiment,
+    Measurement,
     Variant,
     apply_overrides,
     load_catalogue,
     run_name,
     run_overrides,
 )
-from llm.files import read_json, write_json
+from llm.files import read_json, read_yaml, write_json
 
 WORKSPACE = Path(".cache/experiments/workspace")
 OUT = Path("data/experiments")
-PRETRAIN_OUT = "data/pretrain"
 # FLOPs a second this small a model gets on 2 CPU cores (6 N per token; bench/pretrain.py order of
 # magnitude), and the fixed cost of one queued run (clone, checkout, Prefect flow, MLflow logging).
 EST_FLOPS = 1e11
@@ -112,15 +112,19 @@ def plan(catalogue: Catalogue, raw_params: dict, experiments: list[Experiment]) 
     """Every run of the chosen experiments, validated; raises ExperimentError naming the culprit."""
     runs = []
     for experiment in experiments:
+        if isinstance(experiment, Measurement):   # a benchmark run: nothing to train or validate
+            continue
         pretrain_of = {}
         for variant in experiment.variants:
             where = f"{catalogue.path}: {experiment.name} / {variant.label}"
             for seed in experiment.seeds:
-                overrides = run_overrides(catalogue, variant, seed)
+                overrides = run_overrides(catalogue, experiment, variant, seed)
                 params = validate_params(raw_params, overrides, where)
                 runs.append(PlannedRun(experiment, variant, seed, params, overrides))
-            pretrain_of[variant.key] = runs[-1].params.pretrain.model_dump(mode="json")
-            pretrain_of[variant.key]["train"].pop("seed")
+            settings = runs[-1].params.model_dump(mode="json", include={"pretrain", "tokenizer", "classify"})
+            settings["pretrain"]["train"].pop("seed")
+            settings["classify"].pop("seed")
+            pretrain_of[variant.key] = settings
         for variant in experiment.variants:
             if variant.baseline:
                 continue
@@ -129,17 +133,17 @@ def plan(catalogue: Catalogue, raw_params: dict, experiments: list[Experiment]) 
                 raise ExperimentError(f"{catalogue.path}: {experiment.name} / {variant.label}: identical to the "
                                       f"baseline {base.label!r} once applied: it would measure nothing")
         budgets = {r.variant.label: token_budget(r.params) for r in runs if r.experiment is experiment}
-        if len(set(budgets.values())) > 1:
+        if experiment.stage == "pretrain" and len(set(budgets.values())) > 1:
             listing = ", ".join(f"{k}: {v:,}" for k, v in budgets.items())
             raise ExperimentError(f"{catalogue.path}: {experiment.name}: variants must train on the same number of "
                                   f"tokens (max_steps x tokens per step); got {listing}")
     return runs
 
 
-def estimate_seconds(runs: list[PlannedRun]) -> float:
+def estimate_seconds(runs: list[PlannedRun], experiment: Experiment | Measurement | None = None) -> float:
     from llm.model import num_params
 
-    total = 0.0
+    total = experiment.estimate_s if isinstance(experiment, Measurement) else 0.0
     for r in runs:
         config = r.params.pretrain.model.build()
         if r.params.pretrain.model.vocab_size is None:
@@ -151,10 +155,10 @@ def estimate_seconds(runs: list[PlannedRun]) -> float:
 # --- keys: what decides a run's result ------------------------------------------------------------
 
 def code_fingerprint(root: Path) -> str:
-    """A hash of the pretrain stage's code and data dependencies as dvc.yaml lists them."""
+    """A hash of the pretrain and classify stages' code and data dependencies as dvc.yaml lists them."""
     stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
     digest = hashlib.sha256()
-    for dep in sorted(stages["pretrain"].get("deps", [])):
+    for dep in sorted({d for stage in ("pretrain", "classify") for d in stages[stage].get("deps", [])}):
         path = root / dep
         if path.is_file():
             digest.update(dep.encode() + path.read_bytes())
@@ -169,7 +173,9 @@ def code_fingerprint(root: Path) -> str:
 def run_key(run: PlannedRun, code: str) -> str:
     text = json.dumps({"pretrain": run.params.pretrain.model_dump(mode="json"),
                        "tokenizer": run.params.tokenizer.model_dump(mode="json"),
-                       "pack": run.params.pack.model_dump(mode="json"), "code": code}, sort_keys=True)
+                       "pack": run.params.pack.model_dump(mode="json"), "code": code,
+                       **({"classify": run.params.classify.model_dump(mode="json")}
+                          if run.experiment.stage == "classify" else {})}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -219,8 +225,8 @@ def prepare_workspace(root: Path, env: dict) -> Path:
     gitignore = ws / ".gitignore"
     rules = gitignore.read_text() if gitignore.exists() else ""
     rules = re.sub(r"(?m)^/data/$", "/data/*", rules)
-    gitignore.write_text(rules + "\n# experiments: commit the pretrain metrics and curves\n!/data/pretrain/\n"
-                         "/data/pretrain/checkpoints/\n")
+    gitignore.write_text(rules + "\n# experiments: commit the pretrain and classify metrics and curves\n!/data/pretrain/\n"
+                         "/data/pretrain/checkpoints/\n!/data/classify/\n")
     cache = sh([dvc_bin(), "cache", "dir"], root, env).stdout.strip()
     sh([dvc_bin(), "cache", "dir", "--local", str(Path(root, cache).resolve())], ws, env)
     return ws
@@ -238,7 +244,7 @@ def prepare_data(ws: Path, env: dict, log) -> None:
 
 # --- MLflow: one parent run per experiment --------------------------------------------------------
 
-def mlflow_parent(params: Params, experiment: Experiment, root: Path) -> tuple[str, str]:
+def mlflow_parent(params: Params, experiment: Experiment | Measurement, root: Path) -> tuple[str, str]:
     """(parent run id, pipeline-run id): stages run with that id nest under the parent."""
     from mlflow.tracking import MlflowClient
 
@@ -306,12 +312,15 @@ def exp_ref(ws: Path, name: str) -> str | None:
 def collect_finished(run: PlannedRun, ws: Path, rev: str, root: Path) -> dict:
     run.folder.mkdir(parents=True, exist_ok=True)
     files = {}
-    for rel in ("metrics.json", "curves/train.csv", "curves/val.csv"):
-        text = sh(["git", "show", f"{rev}:{PRETRAIN_OUT}/{rel}"], ws).stdout
+    names = ("metrics.json", "curves/train.csv", "curves/val.csv") if run.experiment.stage == "pretrain" else ("metrics.json",)
+    for rel in names:
+        text = sh(["git", "show", f"{rev}:data/{run.experiment.stage}/{rel}"], ws).stdout
         (run.folder / Path(rel).name).write_text(text)
         files[rel] = text
     metrics = json.loads(files["metrics.json"])
-    train, val = read_curve(files["curves/train.csv"], "loss"), read_curve(files["curves/val.csv"], "val_loss")
+    train, val = [], []
+    if "curves/train.csv" in files:
+        train, val = read_curve(files["curves/train.csv"], "loss"), read_curve(files["curves/val.csv"], "val_loss")
     return _result(run, "finished", train, val, metrics, None, rev, root)
 
 
@@ -355,7 +364,7 @@ def queue_runs(runs: list[PlannedRun], ws: Path, env: dict) -> None:
         sets = []
         for key, value in run.overrides.items():
             sets += ["-S", f"++{key}={_yaml(value)}"]   # ++: set, whether params.yaml has the key or not
-        sh([dvc_bin(), "exp", "run", "--queue", "--name", run.name, *sets, "pretrain"], ws, env)
+        sh([dvc_bin(), "exp", "run", "--queue", "--name", run.name, *sets, run.experiment.stage], ws, env)
 
 
 def _yaml(value) -> str:
@@ -401,8 +410,9 @@ def run_experiment(experiment: Experiment, runs: list[PlannedRun], root: Path, w
             rev = exp_ref(ws, run.name)
             result = collect_finished(run, ws, rev, root) if rev else collect_failed(run, ws, env, root)
             results.append(result)
+            shown = {k: v for k, v in result["metrics"].items() if k in ("val_loss", "test_accuracy")}
             log(f"  {run.variant.label} seed {run.seed}: {result['status']}"
-                + (f" val loss {result['metrics']['val_loss']:.3f}" if result["status"] == "finished" else ""))
+                + "".join(f" {k} {v:.3f}" for k, v in shown.items()))
         # `dvc exp show` in the repository lists them: push the experiment refs back.
         sh(["git", "push", "--quiet", "--force", str(root), "refs/exps/*:refs/exps/*"], ws, check=False)
     failed = [r for r in results if r["status"] == "failed"]
@@ -413,13 +423,57 @@ def run_experiment(experiment: Experiment, runs: list[PlannedRun], root: Path, w
     return entry
 
 
+def run_measurement(measurement: Measurement, raw_params: dict, root: Path, env: dict, log, command: str) -> dict:
+    """One run of the measurement's bench script (kept and reused while its arguments and code are
+    the same), its report, and an MLflow parent run holding the fitted figures and the report."""
+    folder = OUT / measurement.name
+    result_path = folder / "result.json"
+    code = hashlib.sha256()
+    for name in (measurement.script, "llm/model.py", "bench/report.py"):
+        code.update((root / name).read_bytes())
+    key = hashlib.sha256(json.dumps([measurement.args, code.hexdigest()]).encode()).hexdigest()[:16]
+    started = time.time()
+    result = read_json(result_path) if result_path.exists() else None
+    if result is not None and result.get("key") == key:
+        log(f"{measurement.name}: kept from earlier ({result_path})")
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / "result.json.tmp"
+        bench = [sys.executable, measurement.script, *measurement.args, "--out", str(partial)]
+        log(f"{measurement.name}: {' '.join(bench[1:])}")
+        done = subprocess.run(bench, cwd=root, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ExperimentError(f"{measurement.name}: `{' '.join(bench[1:])}` failed ({done.returncode}):\n"
+                                  f"{done.stderr[-3000:]}")
+        result = {**read_json(partial), "key": key}
+        write_json(result_path, result)
+        partial.unlink()
+    entry = write_measurement_report(folder, measurement, result, command=command, wall_s=time.time() - started)
+    params = validate_params(raw_params, {}, "params.yaml")
+    parent_id, _ = mlflow_parent(params, measurement, root)
+    from mlflow.tracking import MlflowClient
+
+    from flows.environment import mlflow_tracking_uri
+    client = MlflowClient(mlflow_tracking_uri(root))
+    for path, fit in result["fit"].items():
+        for name, value in fit.items():
+            if isinstance(value, float):
+                client.log_metric(parent_id, f"{path}.{name}", value)
+    for path, length in result["out_of_memory_at"].items():
+        if length is not None:
+            client.log_metric(parent_id, f"{path}.out_of_memory_at", length)
+    client.log_artifacts(parent_id, str(folder), "report")
+    write_json(folder / "summary.json", entry)
+    return entry
+
+
 def experiments_flow_impl(names: list[str], catalogue_path: str, params_path: str, command: str) -> list[dict]:
     from prefect.logging import get_run_logger
 
     logger = get_run_logger()
     root = Path.cwd()
     catalogue = load_catalogue(catalogue_path)
-    raw = yaml.safe_load(Path(params_path).read_text())
+    raw = read_yaml(params_path, ExperimentError)
     chosen = catalogue.select(names)
     runs = plan(catalogue, raw, chosen)
     code = code_fingerprint(root)
@@ -436,8 +490,11 @@ def experiments_flow_impl(names: list[str], catalogue_path: str, params_path: st
         prepare_data(ws, env, logger.info)
     entries = []
     for experiment in chosen:
-        mine = [r for r in runs if r.experiment is experiment]
-        entries.append(run_experiment(experiment, mine, root, ws, env, logger.info, command))
+        if isinstance(experiment, Measurement):
+            entries.append(run_measurement(experiment, raw, root, env, logger.info, command))
+        else:
+            mine = [r for r in runs if r.experiment is experiment]
+            entries.append(run_experiment(experiment, mine, root, ws, env, logger.info, command))
         logger.info(f"{experiment.name}: {entries[-1]['finding']}")
     # the index covers every experiment with a report, not only this invocation's
     index = []
@@ -476,21 +533,23 @@ def main(argv: list[str] | None = None) -> None:
         if not (args.names or args.all or args.list):
             parser.error("name an experiment, or use --all or --list; known: " + ", ".join(catalogue.experiments))
         chosen = catalogue.select(args.names)
-        raw = yaml.safe_load(Path(args.params).read_text())
+        raw = read_yaml(args.params, ExperimentError)
         runs = plan(catalogue, raw, chosen)
     except (CatalogueError, ExperimentError, OSError) as err:
         sys.exit(f"error: {err}")
+    count = len(runs) + sum(isinstance(e, Measurement) for e in chosen)   # a measurement is one run
     if args.list:
         total = 0.0
         for experiment in chosen:
-            seconds = estimate_seconds([r for r in runs if r.experiment is experiment])
+            seconds = estimate_seconds([r for r in runs if r.experiment is experiment], experiment)
             total += seconds
-            print(f"{experiment.name:16s} {len(experiment.runs()):3d} runs  ~{seconds / 60:5.1f} min  {experiment.question}")
-        print(f"{'all' if not args.names else 'these':16s} {len(runs):3d} runs  ~{total / 60:5.1f} min "
+            print(f"{experiment.name:16s} {max(1, len(experiment.runs())):3d} runs  ~{seconds / 60:5.1f} min  "
+                  f"{experiment.question}")
+        print(f"{'all' if not args.names else 'these':16s} {count:3d} runs  ~{total / 60:5.1f} min "
               "(estimated for 2 CPU cores; finished runs are reused)")
         return
     if args.check:
-        print(f"ok: {len(chosen)} experiments, {len(runs)} runs")
+        print(f"ok: {len(chosen)} experiments, {count} runs")
         return
     if not args.no_server and "PREFECT_API_URL" not in os.environ:
         from flows import servers

@@ -40,6 +40,8 @@ def encode_split(name: str, texts: list[str], out_dir: Path, workers: int) -> di
     tokenizer = load_tokenizer(TOKENIZER)
     encoded = data.iter_encode_documents(TOKENIZER, texts, workers or None)
     chars = sum(len(t) for t in texts)
+    # bytes and words: what tokens are compared against across vocabularies (bits per byte, tokens per word)
+    n_bytes, words = sum(len(t.encode()) for t in texts), sum(len(t.split()) for t in texts)
     with tqdm(total=chars, unit="char", unit_scale=True, desc=f"pack {name}", mininterval=1.0) as bar:
         def counted():
             for text, ids in zip(texts, encoded):
@@ -49,11 +51,12 @@ def encode_split(name: str, texts: list[str], out_dir: Path, workers: int) -> di
         meta = data.write_token_file(out_dir / f"{name}.bin", counted(), vocab_size=tokenizer.vocab_size,
                                      boundary_id=tokenizer.special_tokens[ENDOFTEXT],
                                      tokenizer_fingerprint=tokenizer.fingerprint(),
-                                     extra_meta={"tokenizer_kind": tokenizer.kind, "characters": chars})
+                                     extra_meta={"tokenizer_kind": tokenizer.kind, "characters": chars,
+                                                 "bytes": n_bytes, "words": words})
         seconds = time.perf_counter() - start
     return {"documents": meta["num_documents"], "tokens": meta["num_tokens"], "characters": chars,
-            "chars_per_token": chars / max(meta["num_tokens"], 1), "seconds": seconds,
-            "mb_per_s": sum(len(t.encode()) for t in texts) / 1e6 / max(seconds, 1e-9), "dtype": meta["dtype"]}
+            "chars_per_token": chars / max(meta["num_tokens"], 1), "tokens_per_word": meta["num_tokens"] / max(words, 1),
+            "seconds": seconds, "mb_per_s": n_bytes / 1e6 / max(seconds, 1e-9), "dtype": meta["dtype"]}
 
 
 @flow(name="pack", log_prints=True, validate_parameters=False)

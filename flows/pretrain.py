@@ -50,7 +50,7 @@ from llm.model import GPT, ModelConfig, num_params
 from llm.snapshots import SNAPSHOTS_DIR, Probe, SnapshotConfig, Snapshots, chosen_steps, list_steps, probe_bits
 from llm.step import TrainingDiverged
 from llm.tokenizer import load_tokenizer
-from llm.train import TrainConfig, TrainResult, evaluation_steps, global_tokens_per_step, perplexity, train
+from llm.train import TrainConfig, TrainResult, bits_per_byte, evaluation_steps, global_tokens_per_step, perplexity, train
 
 OUT = stage_dir("pretrain")
 DDP_RANK = "--ddp-rank"                   # argv of the torchrun processes of a multi-device run
@@ -114,7 +114,8 @@ def datasets(model_config: ModelConfig, train_config: TrainConfig, tokenizer) ->
     """The packed training and validation tokens, as train() reads them (also in each torchrun process)."""
     data_options = dict(seq_len=model_config.context_length, batch_size=train_config.batch_size,
                         with_doc_ids=train_config.doc_masking, expected_fingerprint=tokenizer.fingerprint())
-    train_data = TokenDataset(TOKENS / "train.bin", seed=train_config.seed, **data_options)
+    train_data = TokenDataset(TOKENS / "train.bin", seed=train_config.seed, max_tokens=train_config.train_tokens,
+                              **data_options)
     val_data = TokenDataset(TOKENS / "val.bin", seed=train_config.seed + 1, **data_options)
     return train_data, val_data
 
@@ -226,6 +227,7 @@ def pretrain_flow(params: Params) -> dict:
             "parameters": num_params(model), "steps": result.steps, "tokens_seen": result.tokens_seen,
             "train_loss": result.train_loss, "val_loss": result.val_loss, "val_ppl": result.val_ppl,
             "unigram_val_loss": unigram,
+            **text_measures(result.val_loss, val_data.meta, model),
             "tokens_per_s": result.tokens_per_s, "elapsed_s": result.elapsed_s,
             "resumed_from_step": result.resumed_from or 0, "registered_version": int(version or 0),
             **snapshot_metrics(BASE_MODEL / SNAPSHOTS_DIR),
@@ -245,6 +247,18 @@ def pretrain_flow(params: Params) -> dict:
                    f"**Samples** (temperature {SAMPLING['temperature']}, top-k {SAMPLING['top_k']}):\n\n"
                    + "\n".join(f"- {text!r}" for text in samples))
         return stage.finish(metrics, summary)
+
+
+def text_measures(val_loss: float | None, meta: dict, model: GPT) -> dict:
+    """What compares across vocabularies: validation bits per byte, tokens per word of the
+    validation text, and the share of parameters spent on embeddings (when the pack stage
+    recorded the text's bytes and words)."""
+    out = {"embedding_share": 1 - num_params(model, non_embedding=True) / num_params(model)}
+    if meta.get("bytes") and meta.get("words"):
+        out["val_tokens_per_word"] = meta["num_tokens"] / meta["words"]
+        if val_loss is not None:
+            out["val_bits_per_byte"] = bits_per_byte(val_loss, meta["num_tokens"], meta["bytes"])
+    return out
 
 
 def snapshot_metrics(folder: Path) -> dict:

@@ -5,7 +5,8 @@ Arabic than on the same content in English, and training it on English + Arabic 
 that gap. Measured on held-out English and on the parallel English/Arabic text of the download
 stage, for every tokenizer kind plus cl100k (when the download stage fetched it).
 
-Output: data/tokenizer/model/ (the project's tokenizer), metrics.json, comparison.csv/.png.
+Output: data/tokenizer/model/ (the project's tokenizer), metrics.json, comparison.csv/.png, and
+data/tokenizer/comparison/<name>/ (every compared tokenizer, for the server's side-by-side view).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from llm.files import atomic_dir
 from llm.sources import downloaded, iter_documents
 
 OUT = stage_dir("tokenizer")
+COMPARISON = OUT / "comparison"   # each compared tokenizer in a subfolder (serving/inspect_routes.py reads it)
 REFERENCE_LANGUAGE = "en"
 
 
@@ -138,27 +140,32 @@ def tokenizer_flow(params: Params) -> dict:
         log.info(f"{p.kind} tokenizer: vocab {project.vocab_size}, fingerprint {project.fingerprint()[:12]}")
         metrics = {"kind": p.kind, "vocab_size": project.vocab_size, "train_documents": len(train_texts),
                    "heldout_documents": len(heldout)}
-        if p.compare:
-            try:
-                rows = compare(project, train_texts, heldout, params)
-            except ValueError as err:
-                raise StageError(f"tokenizer comparison: {err} (or set tokenizer.compare: false)") from err
-            metrics["comparison"] = {f"{r['tokenizer']}.{r['eval_set']}": _rounded(r) for r in rows}
-            metrics["language_cost"] = language_cost(rows)
-            write_comparison(rows, stage)
-            summary = comparison_markdown(rows, metrics["language_cost"])
-        else:
-            summary = f"{p.kind} tokenizer, vocab {project.vocab_size}."
+        # The comparison outputs are always written (DVC declares them): with compare: false they
+        # measure the project's tokenizer alone.
+        try:
+            rows, compared = compare(project, train_texts, heldout, params)
+        except ValueError as err:
+            raise StageError(f"tokenizer comparison: {err} (or set tokenizer.compare: false)") from err
+        metrics["comparison"] = {f"{r['tokenizer']}.{r['eval_set']}": _rounded(r) for r in rows}
+        metrics["language_cost"] = language_cost(rows)
+        write_comparison(rows, stage)
+        with atomic_dir(COMPARISON) as tmp:
+            tok.save_tokenizers(compared, tmp)
+        summary = comparison_markdown(rows, metrics["language_cost"])
         return stage.finish(metrics, summary)
 
 
-def compare(project: tok.Tokenizer, train_texts: list[str], heldout: list[str], params: Params) -> list[dict]:
+def compare(project: tok.Tokenizer, train_texts: list[str], heldout: list[str],
+            params: Params) -> tuple[list[dict], dict[str, tok.Tokenizer]]:
+    """The measurements (rows), and the tokenizers measured by name."""
     p = params.tokenizer
     train_parallel, eval_parallel = parallel_sets(params.project.seed)
     eval_sets = {"heldout-en": capped(heldout, p.eval_chars)} if heldout else {}
     eval_sets.update({f"parallel-{lang}": capped(t, p.eval_chars) for lang, t in eval_parallel.items()})
     eval_sets = {name: texts for name, texts in eval_sets.items() if texts}
     tokenizers = {p.kind: project}  # the project's own, same key as its kind
+    if not p.compare:
+        return measure_all(tokenizers, eval_sets), tokenizers
     for kind in ("bpe", "unigram", "char"):
         if kind != p.kind:
             tokenizers[kind] = train_tokenizer(kind, train_texts, p.vocab_size, params)
@@ -170,7 +177,7 @@ def compare(project: tok.Tokenizer, train_texts: list[str], heldout: list[str], 
     ranks = cl100k_file()
     if ranks is not None:
         tokenizers["cl100k"] = tok.TiktokenTokenizer.from_file(ranks)
-    return measure_all(tokenizers, eval_sets)
+    return measure_all(tokenizers, eval_sets), tokenizers
 
 
 def _rounded(row: dict) -> dict:

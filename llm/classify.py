@@ -86,6 +86,7 @@ class ClassifyConfig(TuningKnobs):
     balance: str = "none"            # 'none', 'weighted' (class-weighted loss) or 'oversample'
     val_fraction: float = 0.1        # the stratified split (see stratified_split)
     test_fraction: float = 0.2
+    train_fraction: float = 1.0      # train on this share of the training split (stratified): fewer labels
     unknown_labels: str = "error"    # a label outside `labels`: 'error' (stop, naming it) or 'skip' (count)
     eval_every: int = 0              # validate every N updates; 0 = at the end of each epoch
     seed: int = 1337
@@ -112,6 +113,7 @@ class ClassifyConfig(TuningKnobs):
         check(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "must be in [0, 1)")
         check(0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1, "test_fraction",
               self.test_fraction, f"must be in [0, 1) and leave training data with val_fraction={self.val_fraction}")
+        check(0 < self.train_fraction <= 1, "train_fraction", self.train_fraction, "must be in (0, 1]")
         check(self.unknown_labels in UNKNOWN_LABELS, "unknown_labels", self.unknown_labels,
               f"must be one of {UNKNOWN_LABELS}")
         self.check_shared_knobs(check)
@@ -183,6 +185,20 @@ def stratified_split(data: LabeledTexts, val_fraction: float, test_fraction: flo
     # Shuffled, so the classes are interleaved and not in blocks.
     train, val, test = (data.subset(rng.permutation(part).tolist()) for part in parts)
     return train, val, test
+
+
+def labelled_share(data: LabeledTexts, fraction: float, seed: int) -> LabeledTexts:
+    """A seeded, stratified `fraction` of the examples, at least one of each class: how well a
+    model does with fewer labels is the question pretraining answers."""
+    if fraction >= 1:
+        return data
+    rng = np.random.default_rng([seed, 1])   # not the split's stream: the split stays the same
+    labels = np.asarray(data.labels)
+    keep: list[int] = []
+    for label in sorted(set(data.labels)):
+        members = rng.permutation(np.flatnonzero(labels == label)).tolist()
+        keep.extend(members[:max(1, round(len(members) * fraction))])
+    return data.subset(rng.permutation(keep).tolist())
 
 
 def majority_baseline(labels: Sequence[int], eval_labels: Sequence[int] | None = None, *,

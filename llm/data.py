@@ -175,7 +175,8 @@ class TokenDataset:
     """
 
     def __init__(self, path: str | Path, seq_len: int, batch_size: int, *, seed: int = 0,
-                 with_doc_ids: bool = False, expected_fingerprint: str | None = None):
+                 with_doc_ids: bool = False, expected_fingerprint: str | None = None, max_tokens: int = 0):
+        """max_tokens > 0: only the file's first max_tokens tokens (a subset, seen many times)."""
         self.path, self.seq_len, self.batch_size = Path(path), seq_len, batch_size
         self.seed, self.with_doc_ids = seed, with_doc_ids
         self.meta = read_meta(path)
@@ -187,11 +188,14 @@ class TokenDataset:
         if len(self.tokens) != self.meta["num_tokens"]:
             raise ValueError(f"{path} holds {len(self.tokens)} tokens but its metadata says "
                              f"{self.meta['num_tokens']}: the file is truncated or not the one described")
+        if max_tokens:
+            self.tokens = self.tokens[:max_tokens]
         self.boundary_id = self.meta["boundary_id"]
         self.windows_per_epoch = (len(self.tokens) - 1) // seq_len
         if self.windows_per_epoch < 1:
-            raise ValueError(f"{path} has {len(self.tokens)} tokens: too few for one window of "
-                             f"seq_len + 1 = {seq_len + 1}")
+            which = (f"the first {max_tokens} tokens of {path} (max_tokens)" if max_tokens
+                     else f"{path}'s {len(self.tokens)} tokens")
+            raise ValueError(f"{which}: too few for one window of seq_len + 1 = {seq_len + 1}")
         self._epoch_cache: tuple[int, int, np.ndarray] | None = None
 
     @property

@@ -14,7 +14,7 @@ import io
 import math
 from pathlib import Path
 
-from llm.experiments import Experiment, Summary, diverged_at, finding, summarize
+from llm.experiments import Experiment, Measurement, Summary, attention_cost_finding, diverged_at, finding, summarize
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf"]
@@ -73,6 +73,17 @@ def _table(summaries: list[Summary]) -> list[list[str]]:
     return rows
 
 
+def _markdown_table(rows: list[list[str]]) -> list[str]:
+    return (["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+            + ["| " + " | ".join(row) + " |" for row in rows[1:]])
+
+
+def _html_table(rows: list[list[str]]) -> str:
+    e = html.escape
+    return ("<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in rows[0]) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows[1:]) + "</table>")
+
+
 def _diagnoses(experiment: Experiment, results: list[dict]) -> list[tuple[str, list[str]]]:
     labels = {v.key: v.label for v in experiment.variants}
     out = []
@@ -87,10 +98,67 @@ def _diagnoses(experiment: Experiment, results: list[dict]) -> list[tuple[str, l
     return out
 
 
+def _classify_share(variant) -> float:
+    return float(variant.overrides.get("classify.train_fraction", 1.0))
+
+
+def _accuracy_png(experiment: Experiment, summaries: list[Summary]) -> bytes:
+    """Test accuracy against the share of labels, one line per way of tuning and per initial weights
+    (pretrained solid, random dashed), the seed spread as error bars."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=100)
+    modes = sorted({v.overrides.get("classify.train", "all") for v in experiment.variants})
+    for colour, mode in zip(COLOURS, modes):
+        mine = sorted(((_classify_share(v), s) for v, s in zip(experiment.variants, summaries)
+                       if v.overrides.get("classify.train", "all") == mode and s.accuracy), key=lambda t: t[0])
+        for values, style, weights in ((lambda s: s.accuracy, "o-", "pretrained"),
+                                       (lambda s: s.scratch_accuracy, "s--", "random init")):
+            points = [(share, values(s)) for share, s in mine if values(s)]
+            if not points:
+                continue
+            xs = [x for x, _ in points]
+            ys = [sum(v) / len(v) for _, v in points]
+            errors = [(max(v) - min(v)) / 2 for _, v in points]
+            ax.errorbar(xs, ys, yerr=errors, fmt=style, color=colour, capsize=3, label=f"{weights}, tune {mode}")
+    ax.set_xscale("log")
+    ax.set_xlabel("share of the labelled training data")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"{experiment.name}: where pretraining pays")
+    ax.grid(alpha=0.3, which="both")
+    if ax.lines:
+        ax.legend(fontsize=8)
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _accuracy_table(summaries: list[Summary]) -> list[list[str]]:
+    def cell(values):
+        return f"{sum(values) / len(values):.2%} ± {(max(values) - min(values)) / 2:.2%}" if values else "–"
+
+    rows = [["variant", "runs", "pretrained: test accuracy ± seed spread", "random init: test accuracy",
+             "gain (points)", "per seed (pretrained)"]]
+    for s in summaries:
+        gain = ((sum(s.accuracy) / len(s.accuracy) - sum(s.scratch_accuracy) / len(s.scratch_accuracy)) * 100
+                if s.accuracy and s.scratch_accuracy else None)
+        rows.append([s.label + (" (baseline)" if s.baseline else ""), str(s.runs), cell(s.accuracy),
+                     cell(s.scratch_accuracy), "–" if gain is None else f"{gain:+.1f}",
+                     ", ".join(f"{a:.2%}" for a in s.accuracy) or "–"])
+    return rows
+
+
 def render(experiment: Experiment, results: list[dict]) -> dict:
-    """Everything the report says, as data: summaries, finding, plots (PNG bytes)."""
+    """Everything the report says, as data: summaries, finding, table, plots (PNG bytes)."""
     summaries = summarize(experiment, results)
-    return {"summaries": summaries, "finding": finding(experiment, summaries),
+    if experiment.stage == "classify":
+        return {"summaries": summaries, "finding": finding(experiment, summaries), "rows": _accuracy_table(summaries),
+                "plots": {"accuracy": _accuracy_png(experiment, summaries)}}
+    return {"summaries": summaries, "finding": finding(experiment, summaries), "rows": _table(summaries),
             "plots": {"train": _figure_png(experiment, results, "train"), "val": _figure_png(experiment, results, "val")}}
 
 
@@ -102,18 +170,19 @@ def write_report(folder: str | Path, experiment: Experiment, results: list[dict]
     r = render(experiment, results)
     for name, png in r["plots"].items():
         (folder / f"{name}.png").write_bytes(png)
-    rows = _table(r["summaries"])
+    rows = r["rows"]
     runs_line = (f"{len(results)} runs ({len(experiment.variants)} variants x {len(experiment.seeds)} seeds)"
                  + (f", {wall_s:.0f} s" if wall_s is not None else ""))
     md = [f"# Experiment: {experiment.name}", "", f"**{experiment.question}**" if experiment.question else "", "",
           f"**Finding:** {r['finding']}", "", runs_line + (f"; command: `{command}`" if command else ""), ""]
     if experiment.note:
         md += [f"_{experiment.note}_", ""]
-    md += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    md += ["| " + " | ".join(row) + " |" for row in rows[1:]]
-    md += ["", "![train loss](train.png)", "", "![validation loss](val.png)", "", "## Loss-curve diagnosis per run", ""]
-    for title, lines in _diagnoses(experiment, results):
-        md.append(f"- **{title}**: " + " ".join(lines))
+    md += _markdown_table(rows) + [""]
+    md += [f"![{name}]({name}.png)\n" for name in r["plots"]]
+    diagnosed = _diagnoses(experiment, results) if experiment.stage == "pretrain" else []
+    if diagnosed:
+        md += ["## Loss-curve diagnosis per run", ""]
+        md += [f"- **{title}**: " + " ".join(lines) for title, lines in diagnosed]
     md += ["", "## What each variant sets", ""]
     for v in experiment.variants:
         changes = ", ".join(f"`{k}={val}`" for k, val in v.overrides.items()) or "the base configuration"
@@ -121,21 +190,90 @@ def write_report(folder: str | Path, experiment: Experiment, results: list[dict]
     (folder / "report.md").write_text("\n".join(md) + "\n")
 
     e = html.escape
-    images = "".join(f'<img alt="{name} loss" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+    images = "".join(f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
                      for name, png in r["plots"].items())
-    table = "<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in rows[0]) + "</tr>" + "".join(
-        "<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows[1:]) + "</table>"
-    diagnoses = "<ul>" + "".join(f"<li><b>{e(t)}</b>: {e(' '.join(lines))}</li>"
-                                 for t, lines in _diagnoses(experiment, results)) + "</ul>"
+    table = _html_table(rows)
+    diagnoses = ("<h2>Loss-curve diagnosis per run</h2><ul>" + "".join(
+        f"<li><b>{e(t)}</b>: {e(' '.join(lines))}</li>" for t, lines in diagnosed) + "</ul>") if diagnosed else ""
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{e(experiment.name)}</title>{_STYLE}</head><body>"
             f"<h1>Experiment: {e(experiment.name)}</h1><p><b>{e(experiment.question)}</b></p>"
             f"<p class='finding'><b>Finding:</b> {e(r['finding'])}</p><p>{e(runs_line)}"
             + (f"; command: <code>{e(command)}</code>" if command else "") + "</p>"
             + (f"<p><i>{e(experiment.note)}</i></p>" if experiment.note else "")
-            + f"{table}{images}<h2>Loss-curve diagnosis per run</h2>{diagnoses}</body></html>")
+            + f"{table}{images}{diagnoses}</body></html>")
     (folder / "report.html").write_text(page)
     return {"name": experiment.name, "finding": r["finding"], "runs": len(results),
             "summaries": [s.as_dict() for s in r["summaries"]], "wall_s": wall_s}
+
+
+def _attention_cost_png(result: dict) -> bytes:
+    """Time and peak memory against T on log-log axes, one line per path, the fitted exponent in
+    the legend, and an x where a path ran out of the memory cap."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=100)
+    for ax, column, exponent, unit in ((axes[0], "ms", "time_exponent", "time per forward (ms)"),
+                                       (axes[1], "peak_mb", "memory_exponent", "peak memory (MB)")):
+        for colour, path in zip(COLOURS, ("explicit", "sdpa")):
+            done = [(r["length"], r[column]) for r in result["rows"]
+                    if r["path"] == path and not r["out_of_memory"] and r[column]]
+            if not done:
+                continue
+            p = result["fit"][path][exponent]
+            ax.plot(*zip(*done), "o-", color=colour, label=f"{path}" + (f" (fit: T^{p:.2f})" if p is not None else ""))
+            if column == "peak_mb" and result["out_of_memory_at"][path] is not None:
+                ax.plot([result["out_of_memory_at"][path]], [result["memory_cap_mb"]], "x", color=colour,
+                        markersize=11, label=f"{path}: out of memory")
+        if column == "peak_mb":
+            ax.axhline(result["memory_cap_mb"], color="#888", linestyle=":", label=f"cap {result['memory_cap_mb']:g} MB")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length T (tokens)")
+        ax.set_ylabel(unit)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle("one attention layer's forward: explicit softmax vs. the fused kernel")
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_measurement_report(folder: str | Path, measurement: Measurement, result: dict, *, command: str = "",
+                             wall_s: float | None = None) -> dict:
+    """report.md (+ cost.png) and report.html for a measurement experiment (bench/attention_cost.py)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    text = attention_cost_finding(result)
+    png = _attention_cost_png(result)
+    (folder / "cost.png").write_bytes(png)
+    rows = [["path", "T", "ms", "peak MB"]] + [
+        [r["path"], f"{r['length']:,}", "out of memory" if r["out_of_memory"] else _fmt(r["ms"], 2),
+         "–" if r["out_of_memory"] else _fmt(r["peak_mb"], 1)] for r in result["rows"]]
+    where = (f"{result.get('device_name', result.get('device', ''))}, preset {result.get('preset')}, "
+             f"{result.get('n_head')} heads of {result.get('head_dim')}, batch {result.get('batch_size')}; "
+             f"bench command: `{result.get('command', '')}`")
+    md = [f"# Experiment: {measurement.name}", "", f"**{measurement.question}**", "", f"**Finding:** {text}", "",
+          where + (f"; {wall_s:.0f} s" if wall_s is not None else "") + (f"; command: `{command}`" if command else ""), ""]
+    if measurement.note:
+        md += [f"_{measurement.note}_", ""]
+    md += _markdown_table(rows)
+    md += ["", "![cost against length](cost.png)", ""]
+    (folder / "report.md").write_text("\n".join(md) + "\n")
+    e = html.escape
+    table = _html_table(rows)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{e(measurement.name)}</title>{_STYLE}</head>"
+            f"<body><h1>Experiment: {e(measurement.name)}</h1><p><b>{e(measurement.question)}</b></p>"
+            f"<p class='finding'><b>Finding:</b> {e(text)}</p><p>{e(where)}</p>"
+            + (f"<p><i>{e(measurement.note)}</i></p>" if measurement.note else "")
+            + f"<img alt='cost against length' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+            + f"{table}</body></html>")
+    (folder / "report.html").write_text(page)
+    return {"name": measurement.name, "finding": text, "runs": 1, "fit": result["fit"],
+            "out_of_memory_at": result["out_of_memory_at"], "wall_s": wall_s}
 
 
 def write_index(folder: str | Path, entries: list[dict]) -> None:

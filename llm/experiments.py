@@ -14,6 +14,8 @@ variants, every one of them a few dotted keys changed, never a code fork:
           - {label: no clipping, set: {pretrain.train.grad_clip: 0.0}}
 
 `sweep: {pretrain.train.lr: [0.001, 0.01]}` runs every variant (and the baseline) at each value.
+A few lessons are not about training at all: `bench: attention_cost` makes an experiment a
+measurement, one run of that script in bench/ (with `args`), whose report is its plot and fit.
 This module is plain logic (no Prefect, MLflow or DVC): reading the catalogue, expanding it into
 runs, summarising measured runs and writing the one-sentence finding from the numbers. Checking
 the keys against the params schema is the pipeline's job (flows/experiments.py).
@@ -31,8 +33,14 @@ from typing import Any
 
 from llm.files import read_yaml
 
-PREFIX = "pretrain."     # every override is a pretrain-stage param
-MEASURES = ("val_loss", "gap", "early_loss", "speed")
+PREFIX = "pretrain."     # every override is a pretrain-stage param ...
+TOKENIZER = "tokenizer."  # ... or a tokenizer-stage one (the pipeline then re-trains it and re-packs)
+CLASSIFY = "classify."    # ... or, for an experiment on the classify stage, a classify one
+SECTIONS = (PREFIX, TOKENIZER, CLASSIFY)
+# The stage an experiment runs (dvc exp run <stage>) and the key its seeds set.
+SEED_KEYS = {"pretrain": "pretrain.train.seed", "classify": "classify.seed"}
+MEASURES = ("val_loss", "gap", "early_loss", "speed", "bits_per_byte", "accuracy")
+BENCHES = {"attention_cost": "bench/attention_cost.py"}   # experiments that measure, not train
 
 
 class CatalogueError(ValueError):
@@ -58,19 +66,39 @@ class Experiment:
     sweep_key: str | None = None
     measure: str = "val_loss"       # what the finding leads with (MEASURES)
     note: str = ""                  # what the configuration leaves out, or why it was chosen
+    stage: str = "pretrain"         # the stage each run reproduces (SEED_KEYS)
 
     def runs(self) -> list[tuple[Variant, int]]:
         return [(v, s) for v in self.variants for s in self.seeds]
 
 
 @dataclass
+class Measurement:
+    """An experiment that is one benchmark run (`bench` names it in BENCHES), not training runs."""
+
+    name: str
+    question: str
+    bench: str
+    args: list[str]
+    note: str = ""
+    estimate_s: float = 60.0
+
+    @property
+    def script(self) -> str:
+        return BENCHES[self.bench]
+
+    def runs(self) -> list:
+        return []
+
+
+@dataclass
 class Catalogue:
     base: dict[str, Any]
     seeds: list[int]
-    experiments: dict[str, Experiment]
+    experiments: dict[str, Experiment | Measurement]
     path: str = "experiments.yaml"
 
-    def select(self, names: list[str] | None) -> list[Experiment]:
+    def select(self, names: list[str] | None) -> list[Experiment | Measurement]:
         """The named experiments (all when none are named); an unknown name stops with the known ones."""
         if not names:
             return list(self.experiments.values())
@@ -124,18 +152,35 @@ def _overrides(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise CatalogueError(f"{where}: expected a mapping of dotted params keys to values")
     for key in value:
-        if not isinstance(key, str) or not key.startswith(PREFIX) or key == PREFIX:
-            raise CatalogueError(f"{where}: key {key!r}: experiments change the pretrain stage only; "
-                                 f"write keys as {PREFIX}section.key (e.g. pretrain.train.lr)")
-        if key == PREFIX + "train.seed":
+        if not isinstance(key, str) or not key.startswith(SECTIONS) or key in SECTIONS:
+            raise CatalogueError(f"{where}: key {key!r}: experiments change the pretrain stage (or the "
+                                 f"tokenizer it trains on, or the classify stage); write keys as {PREFIX}section.key "
+                                 f"(e.g. pretrain.train.lr), {TOKENIZER}key or {CLASSIFY}key")
+        if key in SEED_KEYS.values():
             raise CatalogueError(f"{where}: {key} is set by the catalogue's seeds")
     return dict(value)
 
 
-def _experiment(name: str, entry: Any, seeds: list[int], where: str) -> Experiment:
+def _measurement(name: str, entry: dict, where: str) -> Measurement:
+    _only(entry, {"question", "bench", "args", "note", "estimate_s"}, where)
+    if entry["bench"] not in BENCHES:
+        raise CatalogueError(f"{where}.bench: {entry['bench']!r} is not one of {', '.join(BENCHES)}")
+    args = entry.get("args", [])
+    if not isinstance(args, list):
+        raise CatalogueError(f"{where}.args: expected a list of command-line arguments, e.g. [--max-length, 8192]")
+    return Measurement(name, str(entry.get("question", "")), entry["bench"], [str(a) for a in args],
+                       str(entry.get("note", "")), float(entry.get("estimate_s", 60.0)))
+
+
+def _experiment(name: str, entry: Any, seeds: list[int], where: str) -> Experiment | Measurement:
     if not isinstance(entry, dict):
         raise CatalogueError(f"{where}: expected a mapping with baseline and variants")
-    _only(entry, {"question", "set", "baseline", "variants", "seeds", "sweep", "measure", "note"}, where)
+    if "bench" in entry:
+        return _measurement(name, entry, where)
+    _only(entry, {"question", "set", "baseline", "variants", "seeds", "sweep", "measure", "note", "stage"}, where)
+    stage = entry.get("stage", "pretrain")
+    if stage not in SEED_KEYS:
+        raise CatalogueError(f"{where}.stage: {stage!r} is not one of {', '.join(SEED_KEYS)}")
     common = _overrides(entry.get("set") or {}, f"{where}.set")   # every variant of this experiment
     seeds = _seeds(entry["seeds"], f"{where}.seeds") if "seeds" in entry else seeds
     measure = entry.get("measure", "val_loss")
@@ -165,7 +210,7 @@ def _experiment(name: str, entry: Any, seeds: list[int], where: str) -> Experime
                             v.baseline, v.label, value)
                     for value in values for v in plain]
     return Experiment(name, str(entry.get("question", "")), variants, seeds, sweep_key, measure,
-                      str(entry.get("note", "")))
+                      str(entry.get("note", "")), stage)
 
 
 def _variant(entry: Any, where: str, baseline: bool, default_label: str) -> Variant:
@@ -201,9 +246,9 @@ def apply_overrides(params: dict, *layers: dict[str, Any]) -> dict:
     return result
 
 
-def run_overrides(catalogue: Catalogue, variant: Variant, seed: int) -> dict[str, Any]:
+def run_overrides(catalogue: Catalogue, experiment: Experiment, variant: Variant, seed: int) -> dict[str, Any]:
     """Every dotted key one run sets: the base, the variant, its seed."""
-    return {**catalogue.base, **variant.overrides, PREFIX + "train.seed": seed}
+    return {**catalogue.base, **variant.overrides, SEED_KEYS[experiment.stage]: seed}
 
 
 def run_name(experiment: str, variant: Variant, seed: int) -> str:
@@ -251,6 +296,11 @@ class Summary:
     spikes: int = 0
     parameters: int | None = None
     tokens_per_s: float | None = None
+    bits_per_byte: list[float] = field(default_factory=list)   # validation, finished runs
+    accuracy: list[float] = field(default_factory=list)        # classify: test accuracy, pretrained weights
+    scratch_accuracy: list[float] = field(default_factory=list)  # ... and the same from random weights
+    tokens_per_word: float | None = None
+    embedding_share: float | None = None
 
     @property
     def val_mean(self) -> float | None:
@@ -276,7 +326,10 @@ class Summary:
                 "diverged_at": self.diverged_at, "val_loss_mean": self.val_mean, "val_loss_spread": self.val_spread,
                 "val_losses": self.val_loss, "train_losses": self.train_loss, "gap": self.gap,
                 "early_loss": self.early_mean, "spikes": self.spikes, "parameters": self.parameters,
-                "tokens_per_s": self.tokens_per_s, "sweep_value": self.sweep_value}
+                "tokens_per_s": self.tokens_per_s, "sweep_value": self.sweep_value,
+                "bits_per_byte": self.bits_per_byte, "tokens_per_word": self.tokens_per_word,
+                "embedding_share": self.embedding_share, "accuracy": self.accuracy,
+                "scratch_accuracy": self.scratch_accuracy}
 
 
 def summarize(experiment: Experiment, results: list[dict]) -> list[Summary]:
@@ -291,14 +344,24 @@ def summarize(experiment: Experiment, results: list[dict]) -> list[Summary]:
             if where is not None:
                 s.diverged += 1
                 s.diverged_at.append(where)
+            elif experiment.stage == "classify":
+                tested = r["metrics"]["test"]
+                s.accuracy.append(tested["pretrained"]["accuracy"])
+                if "from_scratch" in tested:
+                    s.scratch_accuracy.append(tested["from_scratch"]["accuracy"])
+                continue
             else:
                 s.val_loss.append(r["metrics"]["val_loss"])
                 s.train_loss.append(r["metrics"]["train_loss"])
+                if r["metrics"].get("val_bits_per_byte") is not None:
+                    s.bits_per_byte.append(r["metrics"]["val_bits_per_byte"])
             e = early_loss(r)
             if e is not None and where is None:
                 s.early.append(e)
             s.spikes += sum(1 for f in r.get("diagnosis", []) if f["kind"] == "spike")
             s.parameters = r.get("metrics", {}).get("parameters", s.parameters)
+            s.tokens_per_word = r.get("metrics", {}).get("val_tokens_per_word", s.tokens_per_word)
+            s.embedding_share = r.get("metrics", {}).get("embedding_share", s.embedding_share)
             if r.get("metrics", {}).get("tokens_per_s"):
                 speeds.append(r["metrics"]["tokens_per_s"])
         s.tokens_per_s = mean(speeds) if speeds else None
@@ -343,6 +406,10 @@ def finding(experiment: Experiment, summaries: list[Summary]) -> str:
         return f"{experiment.name}: no runs finished yet."
     if experiment.sweep_key:
         return _sweep_finding(experiment, summaries)
+    if experiment.measure == "bits_per_byte":
+        return _bits_per_byte_finding(summaries)
+    if experiment.measure == "accuracy":
+        return _pretraining_value_finding(summaries)
     base = next(s for s in summaries if s.baseline)
     clauses = []
     if base.diverged:
@@ -372,6 +439,59 @@ def finding(experiment: Experiment, summaries: list[Summary]) -> str:
     return f"Against {base.label}: " + "; ".join(c for c in clauses if c) + "."
 
 
+def _bits_per_byte_finding(summaries: list[Summary]) -> str:
+    """Across tokenizers, per variant: bits per byte (the comparable loss), its seed spread, tokens
+    per word and the embedding share of the parameters; then which did best."""
+    clauses, scored = [], []
+    for s in summaries:
+        if s.diverged:
+            clauses.append(_divergence(s))
+            continue
+        if not s.bits_per_byte:
+            continue
+        bpb = mean(s.bits_per_byte)
+        spread = (max(s.bits_per_byte) - min(s.bits_per_byte)) / 2
+        scored.append((bpb, spread, s))
+        extra = []
+        if s.tokens_per_word is not None:
+            extra.append(f"{s.tokens_per_word:.2f} tokens/word")
+        if s.embedding_share is not None:
+            extra.append(f"{s.embedding_share:.0%} of {s.parameters:,} parameters in embeddings" if s.parameters
+                         else f"{s.embedding_share:.0%} of parameters in embeddings")
+        clauses.append(f"{s.label}: {bpb:.3f} bits/byte (±{spread:.3f})" + (f", {', '.join(extra)}" if extra else ""))
+    if not clauses:
+        return "no runs finished yet."
+    text = "; ".join(clauses) + "."
+    if len(scored) > 1:
+        best, worst = min(scored, key=lambda t: t[0]), max(scored, key=lambda t: t[0])
+        noise = max(best[1], worst[1])
+        text += (f" Lowest bits per byte: {best[2].label}, {worst[0] - best[0]:.3f} below {worst[2].label}"
+                 + (" (within the seeds' spread)." if worst[0] - best[0] <= noise else "."))
+    return text
+
+
+def _pretraining_value_finding(summaries: list[Summary]) -> str:
+    """Per variant, test accuracy from pretrained vs random weights; then where pretraining paid most."""
+    clauses, gains = [], []
+    for s in summaries:
+        if not s.accuracy:
+            continue
+        text = f"{s.label}: {mean(s.accuracy):.1%} pretrained"
+        if s.scratch_accuracy:
+            gain = mean(s.accuracy) - mean(s.scratch_accuracy)
+            gains.append((gain, s))
+            text += f" vs {mean(s.scratch_accuracy):.1%} from random weights ({gain * 100:+.1f} points)"
+        clauses.append(text)
+    if not clauses:
+        return "no runs finished yet."
+    text = "; ".join(clauses) + "."
+    if gains:
+        best, least = max(gains, key=lambda g: g[0]), min(gains, key=lambda g: g[0])
+        text += (f" Pretraining paid most with {best[1].label} ({best[0] * 100:+.1f} points) and least with "
+                 f"{least[1].label} ({least[0] * 100:+.1f}).")
+    return text
+
+
 def _sweep_finding(experiment: Experiment, summaries: list[Summary]) -> str:
     """Per group: the lowest swept value at which it diverged, the highest it trained at, its best."""
     short = experiment.sweep_key.rsplit(".", 1)[-1]
@@ -398,3 +518,35 @@ def _sweep_finding(experiment: Experiment, summaries: list[Summary]) -> str:
             text += f" (best val loss {_num(best.val_mean)} at {_value(best.sweep_value)})"
         clauses.append(text)
     return "; ".join(clauses) + "."
+
+
+def _exponent(x: float | None) -> str:
+    return f"T^{x:.2f}" if x is not None else "(too few lengths to fit)"
+
+
+def attention_cost_finding(result: dict) -> str:
+    """bench/attention_cost.py's report in one sentence: the fitted exponents, where a path ran out
+    of the memory cap, and the two paths side by side at the longest length both finished."""
+    fit, oom, rows = result["fit"], result["out_of_memory_at"], result["rows"]
+    names = {"explicit": "explicit softmax attention", "sdpa": "the fused kernel (SDPA)"}
+    clauses = [f"{names[p]}'s time grew as {_exponent(fit[p]['time_exponent'])} and its peak memory as "
+               f"{_exponent(fit[p]['memory_exponent'])}" for p in ("explicit", "sdpa")]
+    longest = {p: max((r["length"] for r in rows if r["path"] == p and not r["out_of_memory"]), default=None)
+               for p in ("explicit", "sdpa")}
+    cap = f"{result['memory_cap_mb']:g} MB"
+    for p in ("explicit", "sdpa"):
+        if oom[p] is not None:
+            clauses.append(f"under a {cap} cap {names[p]} ran out of memory at {oom[p]:,} tokens"
+                           + (f" (it last fit {longest[p]:,})" if longest[p] else ""))
+        elif longest[p]:
+            clauses.append(f"{names[p]} fit the {cap} cap up to the longest length tried, {longest[p]:,}")
+    both = [T for T in {r["length"] for r in rows}
+            if all(any(r["path"] == p and r["length"] == T and not r["out_of_memory"] for r in rows)
+                   for p in ("explicit", "sdpa"))]
+    if both:
+        T = max(both)
+        e, s = ([r for r in rows if r["path"] == p and r["length"] == T][0] for p in ("explicit", "sdpa"))
+        clauses.append(f"at {T:,} tokens the explicit path took {e['ms']:.1f} ms and {e['peak_mb']:.0f} MB "
+                       f"against {s['ms']:.1f} ms and {s['peak_mb']:.0f} MB")
+    text = "; ".join(clauses) + "."
+    return text[0].upper() + text[1:]

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -93,11 +94,22 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, but numbers like 1e-5 and 1e+30 are floats, as in YAML 1.2 (and as
+    `dvc exp run -S` writes them back into params.yaml), not strings as YAML 1.1 has it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
 def read_yaml(path: str | Path, error: type[Exception], missing_hint: str = "") -> Any:
     """A YAML file's contents; a missing or malformed file raises `error` naming the file."""
     path = Path(path)
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(), Loader=_Loader)
     except FileNotFoundError:
         raise error(f"{path}: not found{missing_hint}") from None
     except yaml.YAMLError as err:

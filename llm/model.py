@@ -574,3 +574,39 @@ def flops_per_token(config: ModelConfig, seq_len: int | None = None) -> int:
     matmul_params = num_params(config, non_embedding=True) + config.vocab_size * config.d_model
     attention = 12 * config.n_layer * config.n_head * config.head_dim * T
     return 6 * matmul_params + attention
+
+
+def parts_of(model: GPT, seq_len: int | None = None) -> list[dict]:
+    """Parameters and training FLOPs per token of each part, in the order data flows through them:
+
+        tok_emb, pos_emb (learned positions only), then per block blocks.i.norm1, blocks.i.attn,
+        blocks.i.norm2, blocks.i.mlp, then final_norm (pre-norm only) and lm_head
+
+    as [{"name", "params", "flops"}]. Parameters are counted from the modules themselves (a tied
+    output layer owns none: its matrix is the token embedding's); FLOPs follow flops_per_token:
+    6 per weight used in a matmul or norm, 0 for the embedding lookups, the output matmul even
+    when tied, and the attention scores and weighted sum in each attention part. So the parts
+    sum to num_params(model) and flops_per_token(model.config, seq_len)."""
+    config = model.config
+    T = config.context_length if seq_len is None else seq_len
+    counted: set[int] = set()
+
+    def params(module: nn.Module) -> int:
+        fresh = [p for p in module.parameters() if id(p) not in counted]
+        counted.update(id(p) for p in fresh)
+        return sum(p.numel() for p in fresh)
+
+    parts = [{"name": "tok_emb", "params": params(model.tok_emb), "flops": 0}]
+    if config.position == "learned":
+        parts.append({"name": "pos_emb", "params": params(model.pos_emb), "flops": 0})
+    for i, block in enumerate(model.blocks):
+        for name in ("norm1", "attn", "norm2", "mlp"):
+            n = params(getattr(block, name))
+            attention = 12 * config.n_head * config.head_dim * T if name == "attn" else 0
+            parts.append({"name": f"blocks.{i}.{name}", "params": n, "flops": 6 * n + attention})
+    if config.norm_placement == "pre":
+        n = params(model.final_norm)
+        parts.append({"name": "final_norm", "params": n, "flops": 6 * n})
+    parts.append({"name": "lm_head", "params": params(model.lm_head),
+                  "flops": 6 * config.vocab_size * config.d_model})
+    return parts

@@ -530,6 +530,23 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     return kind.load(directory, meta)
 
 
+def save_tokenizers(tokenizers: dict[str, Tokenizer], directory: str | Path) -> Path:
+    """Several tokenizers side by side: each saved in directory/<name>/ (a comparison's set)."""
+    directory = Path(directory)
+    for name, tokenizer in tokenizers.items():
+        if not name or Path(name).name != name or name.startswith("."):
+            raise ValueError(f"tokenizer name {name!r} must be a plain folder name")
+        tokenizer.save(directory / name)
+    return directory
+
+
+def load_tokenizers(directory: str | Path) -> dict[str, Tokenizer]:
+    """What save_tokenizers wrote: {name: tokenizer} for each subfolder holding a tokenizer.json,
+    by name."""
+    folders = sorted(p for p in Path(directory).iterdir() if (p / META_FILE).is_file())
+    return {folder.name: load_tokenizer(folder) for folder in folders}
+
+
 def fingerprint_dir(directory: str | Path) -> str:
     """The fingerprint of a saved tokenizer, without loading it."""
     return load_tokenizer(directory).fingerprint()

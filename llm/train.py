@@ -88,6 +88,9 @@ class TrainConfig(PlainDict):
     # over all processes (0 = one micro-batch per process)
     batch_size: int = 16
     tokens_per_step: int = 0
+    # data: train on the first train_tokens tokens of the training file only (0 = all of it); a
+    # subset small enough to be seen many times is where a model overfits and regularisation shows
+    train_tokens: int = 0
     # optimizer
     optimizer: str = "adamw"             # 'adamw', or 'muon' (Muon for the blocks' matrices; llm.optim)
     grad_clip: float = 1.0               # max global gradient norm; 0 = no clipping
@@ -124,6 +127,7 @@ class TrainConfig(PlainDict):
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         _require(self.tokens_per_step >= 0, "tokens_per_step", self.tokens_per_step,
                  "must be >= 0 (0 = no gradient accumulation)")
+        _require(self.train_tokens >= 0, "train_tokens", self.train_tokens, "must be >= 0 (0 = all the tokens)")
         _require(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"must be one of {OPTIMIZERS}")
         _require(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 = no clipping)")
         _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
@@ -265,6 +269,12 @@ def perplexity(loss: float) -> float:
         return math.exp(loss)
     except OverflowError:
         return math.inf
+
+
+def bits_per_byte(loss: float, tokens: int, n_bytes: int) -> float:
+    """A loss in nats per token as bits per byte of the text: comparable across tokenizers, where
+    loss per token is not (a bigger vocabulary has fewer, harder tokens for the same text)."""
+    return loss / math.log(2) * tokens / n_bytes
 
 
 @torch.no_grad()

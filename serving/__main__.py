@@ -23,9 +23,10 @@ import threading
 import time
 import urllib.request
 from dataclasses import fields
+from pathlib import Path
 
 from serving.loading import DEFAULT_MODEL, ModelNotFound, default_name, is_registry_uri, resolve_model
-from serving.options import Limits, ServeOptions
+from serving.options import TOKENIZERS_DIR, Limits, ServeOptions
 
 # name -> (flag help); every Limits field is a flag, with its default shown.
 LIMIT_HELP = {
@@ -41,6 +42,7 @@ LIMIT_HELP = {
     "introspect_max_values": "most numbers in one introspection table (tokens x top_k, "
                              "layers x heads x tokens^2, ...)",
     "introspect_queue": "introspection requests in flight; more get 429",
+    "patching_max_token_passes": "most (layers + 1) x tokens^2 of one /v1/patching request",
     "stream_interval": "seconds between a stream's updates (the first token is sent at once)",
 }
 
@@ -65,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="where the model runs (default: auto)")
     p.add_argument("--seed", type=int, help="seed for requests without one (default: random)")
+    p.add_argument("--tokenizers", default=str(TOKENIZERS_DIR),
+                   help="folder of the tokenizer stage's comparison tokenizers, one subfolder each, shown side "
+                        f"by side on the page (default: {TOKENIZERS_DIR})")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     limits = p.add_argument_group("limits (each enforced before any work, with a 4xx answer)")
     for f in fields(Limits):
@@ -83,7 +88,8 @@ def options_from(args: argparse.Namespace) -> ServeOptions:
     limits = Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
     return ServeOptions(model_dir=folder.resolve(), model_name=args.name or default_name(args.model, folder),
                         model_source=args.model, host=args.host, port=args.port, workers=args.workers,
-                        threads=args.threads, accelerator=args.accelerator, seed=args.seed, limits=limits)
+                        threads=args.threads, accelerator=args.accelerator, seed=args.seed, limits=limits,
+                        tokenizers_dir=Path(args.tokenizers).resolve())
 
 
 def announce_when_ready(url: str, name: str, timeout_s: float = 600) -> None:

@@ -5,12 +5,15 @@
                        GenerationSpec: /v1/chat/completions, /v1/completions   (serving/openai_spec.py)
                            validate, apply the chat template, put a job on LitServe's queue
                        /, /health, /v1/models, /v1/tokenize                      (serving/routes.py)
+                       /v1/architecture, /v1/tokenizers/compare          (serving/inspect_routes.py)
                        IntrospectAPI's LitServe route: /v1/introspect
+                       /v1/attribution, /v1/patching: to the same worker       (serving/explain.py)
                            │ LitServe request queues / response transport
                            v
                      generation worker(s): GenerationAPI + EngineLoop            (serving/worker.py)
                            continuous batching engine (llm/generate.py), text (serving/text.py)
                      introspection worker: IntrospectAPI, a forward pass        (serving/introspection.py)
+                       and attribution, patching (IntrospectAndExplainAPI, serving/explain.py)
 
 Why not LitServe's OpenAISpec: it leaves gaps an OpenAI client notices (a new id per chunk,
 finish_reason always "stop", max_tokens and logprobs ignored, usage summed over chunks, errors
@@ -34,7 +37,9 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from serving import errors
-from serving.introspection import INTROSPECT_PATH, IntrospectAPI
+from serving.explain import ATTRIBUTION_PATH, PATCHING_PATH, IntrospectAndExplainAPI, add_explain_routes
+from serving.inspect_routes import add_inspect_routes
+from serving.introspection import INTROSPECT_PATH
 from serving.middleware import BodySizeLimit, InFlightLimit
 from serving.openai_spec import CHAT_PATH, TEXT_PATH, GenerationSpec
 from serving.options import ServeOptions
@@ -48,7 +53,7 @@ SHUTDOWN_GRACE_S = 2  # LitServe waits 30 s for open connections on shutdown: to
 def build_server(options: ServeOptions) -> ls.LitServer:
     spec = GenerationSpec(options)
     generation = GenerationAPI(options, spec, cancel_queues=[])
-    introspection = IntrospectAPI(options)
+    introspection = IntrospectAndExplainAPI(options)  # /v1/introspect, and /v1/attribution, /v1/patching
     server = ls.LitServer(
         [generation, introspection], accelerator=options.accelerator,
         workers_per_device={CHAT_PATH: options.workers, INTROSPECT_PATH: 1},
@@ -63,6 +68,8 @@ def build_server(options: ServeOptions) -> ls.LitServer:
     app = server.app
     replace_litserve_routes(app)
     add_routes(app, spec)
+    add_inspect_routes(app, spec)
+    add_explain_routes(app, server, introspection)
     errors.install(app)
     limits = options.limits
     generation_capacity = len(queues) * limits.max_batch_size + limits.max_queue
@@ -70,6 +77,8 @@ def build_server(options: ServeOptions) -> ls.LitServer:
         CHAT_PATH: ("generation", generation_capacity),
         TEXT_PATH: ("generation", generation_capacity),
         INTROSPECT_PATH: ("introspection", limits.introspect_queue),
+        ATTRIBUTION_PATH: ("introspection", limits.introspect_queue),
+        PATCHING_PATH: ("introspection", limits.introspect_queue),
     })
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
     app.openapi = lambda: _openapi(app, spec)
@@ -89,7 +98,8 @@ def _openapi(app: FastAPI, spec: GenerationSpec) -> dict:
     events = {CHAT_PATH: _events_schema(components, ChatCompletionChunk),
               TEXT_PATH: _events_schema(components, CompletionChunk)}
     busy = {**error, "headers": {"Retry-After": {"schema": {"type": "string"}}}}
-    limited = {CHAT_PATH, TEXT_PATH, INTROSPECT_PATH}
+    introspecting = {INTROSPECT_PATH, ATTRIBUTION_PATH, PATCHING_PATH}   # one worker answers these
+    limited = {CHAT_PATH, TEXT_PATH, *introspecting}
     for path, item in schema["paths"].items():
         for method, operation in item.items():
             responses = operation.setdefault("responses", {})
@@ -107,6 +117,7 @@ def _openapi(app: FastAPI, spec: GenerationSpec) -> dict:
                 responses["429"] = {"description": "Too many requests in flight; retry after Retry-After", **busy}
             if path == INTROSPECT_PATH:
                 responses["404"] = {"description": "Unknown model or snapshot step", **error}
+            if path in introspecting:
                 responses["503"] = {"description": "The introspection worker failed", **error}
                 responses["504"] = {"description": "Waited too long in the queue", **error}
             if path in (CHAT_PATH, TEXT_PATH):

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+TOKENIZERS_DIR = Path("data/tokenizer/comparison")   # where the tokenizer stage saves its comparison
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -27,6 +29,7 @@ class Limits:
     introspect_max_top_k: int = 0       # 0 = the vocabulary size
     introspect_max_values: int = 1_048_576   # numbers in one answer's biggest table (see serving/introspection.py)
     introspect_queue: int = 16          # introspection requests in flight; more get 429
+    patching_max_token_passes: int = 32_768  # activation patching: (layers + 1) x tokens^2 (~6 s for "tiny" on 1 thread)
     stream_interval: float = 0.05       # seconds between a stream's updates from the engine (first token: at once)
 
 
@@ -42,3 +45,4 @@ class ServeOptions:
     threads: int = 0                    # torch threads per worker; 0 = cores / (workers + 1), at least 1
     seed: int | None = None             # the engine's generator, for requests without a seed
     limits: Limits = field(default_factory=Limits)
+    tokenizers_dir: Path = TOKENIZERS_DIR  # the tokenizer stage's comparison tokenizers (one subfolder each)

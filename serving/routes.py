@@ -61,7 +61,9 @@ def add_routes(app: FastAPI, spec) -> None:
         return {"model": options.model_name, "openai_base_url": "/v1", "docs": "/docs", "page": "/",
                 "endpoints": ["POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models",
                               "POST /v1/introspect", "POST /v1/tokenize", "GET /v1/snapshots",
-                              "GET /v1/snapshots/{step}", "GET /health"]}
+                              "GET /v1/snapshots/{step}", "GET /v1/architecture",
+                              "POST /v1/attribution", "POST /v1/patching", "POST /v1/tokenizers/compare",
+                              "GET /health"]}
 
     @app.get("/v1/models", summary="The served model (one)")
     async def models() -> ModelList:

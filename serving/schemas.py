@@ -324,22 +324,25 @@ class AttentionRequest(Strict):
                                                             description="0-based head indices; all heads if omitted.")
 
 
-class IntrospectRequest(Strict):
+class PromptInput(Strict):
     model_config = _exactly_one_of("text", "token_ids")
-    model: ModelName | None = None
-    text: str = Field(None, min_length=1, description="Text to analyse (special-token strings stay text).")
+    text: str = Field(None, min_length=1, description="Text (special-token strings stay text).")
     token_ids: list[Annotated[int, Field(ge=0)]] = Field(None, min_length=1, description="Or token ids.")
-    top_k: int = Field(5, ge=1, description="Candidates per position, for the next token and the logit lens.")
-    attention: AttentionRequest | None = Field(None, description="Attention maps to return (none by default).")
-    logit_lens: bool = Field(False, description="Top-k read-out of the residual stream after every layer.")
-    step: int | None = Field(None, ge=0, description="Ask the model as it was at this training step (one of "
-                                                     "GET /v1/models' `snapshots`); the trained model if omitted.")
 
     @model_validator(mode="after")
     def _one_input(self):
         if (self.text is None) == (self.token_ids is None):
             raise ValueError("send exactly one of text or token_ids")
         return self
+
+
+class IntrospectRequest(PromptInput):
+    model: ModelName | None = None
+    top_k: int = Field(5, ge=1, description="Candidates per position, for the next token and the logit lens.")
+    attention: AttentionRequest | None = Field(None, description="Attention maps to return (none by default).")
+    logit_lens: bool = Field(False, description="Top-k read-out of the residual stream after every layer.")
+    step: int | None = Field(None, ge=0, description="Ask the model as it was at this training step (one of "
+                                                     "GET /v1/models' `snapshots`); the trained model if omitted.")
 
 
 class Candidate(Loose):
@@ -433,3 +436,148 @@ class Job:
     sampling: Sampling
     stop: list[str]                 # stop strings, found in the decoded text
     stream: bool
+
+
+# --- inspecting the model: architecture, why this token, tokenizers side by side -----------------
+
+class AttributionRequest(PromptInput):
+    model: ModelName | None = None
+    position: int = Field(-1, ge=-(2 ** 31), lt=2 ** 31,
+                          description="The position whose next-token prediction is explained; negative "
+                                      "counts from the end (-1, the default, is the last token).")
+    target: int | None = Field(None, ge=0, description="The token id whose logit is explained "
+                                                       "(default: the model's top prediction there).")
+    top_k: int = Field(5, ge=1, le=50, description="Top predictions at the position to return.")
+
+
+class PatchingRequest(Strict):
+    model: ModelName | None = None
+    clean: PromptInput = Field(description="The prompt whose answer we look for.")
+    corrupted: PromptInput = Field(description="The same prompt with something changed; same number of tokens.")
+    target: int | None = Field(None, ge=0, description="The answer token (default: the clean prompt's prediction).")
+    foil: int | None = Field(None, ge=0, description="The token it competes with (default: the corrupted "
+                                                     "prompt's prediction, if different).")
+
+
+class TokenChoice(Loose):
+    id: int
+    text: str
+
+
+class Prediction(Loose):
+    id: int
+    text: str
+    logit: float
+    prob: float
+
+
+class FinalNorm(Loose):
+    kind: str = Field(description="layernorm or rmsnorm")
+    scale: float = Field(description="The final norm's scale s at the position, frozen for the attribution.")
+
+
+class LayerAttribution(Loose):
+    layer: int
+    heads: list[float] = Field(description="Each attention head's direct contribution to the target's logit.")
+    sources: list[list[float]] = Field(description="sources[h][k]: the part of head h's contribution it read "
+                                                   "from position k (its attention weight times its value).")
+    attention_bias: float = Field(description="The attention output projection's bias (0 without biases).")
+    mlp: float
+
+
+class AttributionResponse(Loose):
+    model: str
+    tokens: list[TokenChoice] = Field(description="The prompt's tokens.")
+    position: int
+    target: TokenChoice
+    logit: float = Field(description="The target's logit at the position.")
+    bias_term: float = Field(description="W_U[target] . (final norm bias): the part of the logit no write owns.")
+    sum: float = Field(description="Sum of every contribution = logit - bias_term.")
+    final_norm: FinalNorm
+    embeddings: dict[str, float] = Field(description="token, and position for learned positions.")
+    layers: list[LayerAttribution]
+    top: list[Prediction]
+    method: str = Field(description="How the final norm is handled.")
+
+
+class PatchedLayer(Loose):
+    layer: int = Field(description="0 = the embeddings, i = the residual stream after block i-1.")
+    label: str
+    values: list[float] = Field(description="The metric with this layer's stream at each position taken from "
+                                            "the clean run.")
+    restored: list[float | None] = Field(description="(value - corrupted) / (clean - corrupted): 1 = the clean "
+                                                     "answer fully restored; null when clean = corrupted.")
+
+
+class PatchingTokens(Loose):
+    clean: list[str]
+    corrupted: list[str]
+
+
+class PatchingResponse(Loose):
+    model: str
+    target: TokenChoice
+    foil: TokenChoice | None
+    metric: str
+    clean: float
+    corrupted: float
+    layers: list[PatchedLayer]
+    tokens: PatchingTokens
+
+
+class ArchitecturePart(Loose):
+    name: str = Field(description="The module's name in the model (tok_emb, attn, ...).")
+    label: str
+    detail: str
+    equation: str
+    params: int = Field(description="Parameters of this part (of one block, for a block's parts).")
+    flops: int = Field(description="Training FLOPs per token of this part (of one block, for a block's parts).")
+    params_all: int | None = Field(None, description="A block's part: summed over all blocks.")
+    flops_all: int | None = Field(None, description="A block's part: summed over all blocks.")
+
+
+class ArchitectureBlock(Loose):
+    count: int
+    norm_placement: str
+    equation: str
+    parts: list[ArchitecturePart]
+
+
+class ArchitectureTotals(Loose):
+    params: int
+    non_embedding_params: int
+    flops_per_token: int
+    seq_len: int
+    flops_note: str
+
+
+class ArchitectureResponse(Loose):
+    model: str
+    totals: ArchitectureTotals
+    input: list[ArchitecturePart]
+    block: ArchitectureBlock
+    output: list[ArchitecturePart]
+
+
+MAX_COMPARE_CHARS = 10_000
+
+
+class CompareTokenizersRequest(Strict):
+    text: str = Field(min_length=1, max_length=MAX_COMPARE_CHARS, description="The text every tokenizer splits.")
+
+
+class TokenizerSplit(Loose):
+    name: str
+    kind: str
+    vocab_size: int
+    count: int = Field(description="Tokens for the text.")
+    chars_per_token: float
+    tokens: list[TokenSpan]
+
+
+class CompareTokenizersResponse(Loose):
+    chars: int
+    bytes: int
+    tokenizers: list[TokenizerSplit] = Field(description="The served model's tokenizer first, then the comparison's.")
+    folder: str = Field(description="Where the comparison tokenizers are looked for.")
+    message: str | None = Field(description="Why only the served model's tokenizer is shown, if so.")

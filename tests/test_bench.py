@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import decode, pretrain  # noqa: E402
+from bench import attention_cost, decode, pretrain  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -45,3 +45,20 @@ def test_decode_bench_compares_sides_that_produce_the_same_tokens(tmp_path):
         assert row["ours_tokens_per_s"] > 0 and row["hf_tokens_per_s"] > 0 and row["matmul_only_tokens_per_s"] > 0
         assert row["ratio"] == pytest.approx(row["ours_tokens_per_s"] / row["hf_tokens_per_s"], rel=0.02)
     assert report["dtype"] == "float32" and json.loads(out.read_text()) == report
+
+
+def test_attention_cost_bench_finds_the_explicit_path_quadratic_in_memory_and_out_of_it_first(tmp_path):
+    out = tmp_path / "attention.json"
+    report = attention_cost.main(["--min-length", "64", "--max-length", "1024", "--memory-cap-mb", "16",
+                                  "--repeats", "1", "--fit-from", "256", "--out", str(out)])
+    # The explicit path keeps (H, T, T) probabilities: 4 heads x 1024^2 x 4 bytes = 16 MB for one copy
+    # alone, so a 16 MB cap stops it at 1024; the fused kernel's memory grows with T and fits.
+    assert report["out_of_memory_at"] == {"explicit": 1024, "sdpa": None}
+    explicit = {r["length"]: r for r in report["rows"] if r["path"] == "explicit"}
+    sdpa = {r["length"]: r for r in report["rows"] if r["path"] == "sdpa"}
+    assert sorted(sdpa) == [64, 128, 256, 512, 1024] and explicit[1024]["out_of_memory"]
+    assert all(explicit[T]["peak_mb"] > sdpa[T]["peak_mb"] for T in (256, 512))
+    fit = report["fit"]
+    assert fit["explicit"]["memory_exponent"] > 1.4 and fit["sdpa"]["memory_exponent"] < 1.2
+    assert fit["explicit"]["fit_lengths"] == [256, 512] and json.loads(out.read_text()) == report
+    assert attention_cost.fit_exponent([(1, 3.0), (2, 12.0), (4, 48.0)]) == pytest.approx(2.0)

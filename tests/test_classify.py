@@ -18,6 +18,7 @@ from llm.classify import (
     classification_metrics,
     encode_texts,
     labeled_texts,
+    labelled_share,
     majority_baseline,
     pad_batch,
     pooled_logits,
@@ -172,6 +173,20 @@ def test_split_is_stratified_seeded_and_complete():
     again = stratified_split(data, 0.1, 0.2, seed=7)
     assert [p.texts for p in again] == [p.texts for p in parts]
     assert stratified_split(data, 0.1, 0.2, seed=8)[2].texts != parts[2].texts
+
+
+def test_a_labelled_share_is_stratified_seeded_and_keeps_every_class():
+    data, _ = labeled_texts(*synthetic_sms(300, seed=1), LABELS)
+    train = stratified_split(data, 0.1, 0.2, seed=7)[0]
+    spam = sum(train.labels)
+    quarter = labelled_share(train, 0.25, seed=7)
+    assert sum(quarter.labels) == round(spam * 0.25) and len(quarter) - sum(quarter.labels) == round((210 - spam) * 0.25)
+    assert set(quarter.texts) <= set(train.texts) and labelled_share(train, 0.25, seed=7).texts == quarter.texts
+    tiny = labelled_share(train, 0.001, seed=7)
+    assert sorted(tiny.labels) == [0, 1]   # one of each class, however small the share
+    assert labelled_share(train, 1.0, seed=7) is train
+    with pytest.raises(ValueError, match="train_fraction"):
+        ClassifyConfig(train_fraction=0)
 
 
 def test_empty_texts_are_skipped_and_counted_and_unknown_labels_named():

@@ -95,6 +95,18 @@ def test_batches_depend_only_on_seed_and_step(token_file):
     assert not torch.equal(walked[0][0], other_seed.batch(0)[0])
 
 
+def test_max_tokens_trains_on_a_prefix_of_the_file_only(token_file):
+    path, _ = token_file
+    subset = TokenDataset(path, seq_len=16, batch_size=4, seed=7, max_tokens=100)
+    assert subset.windows_per_epoch == 99 // 16 == 6
+    prefix = torch.from_numpy(np.asarray(subset.tokens[:100], dtype=np.int64))
+    for step in range(5):   # every row, over several epochs, is a window of the first 100 tokens
+        for row in subset.batch(step)[0]:
+            assert any(torch.equal(row, prefix[s:s + 16]) for s in range(0, 100 - 16))
+    with pytest.raises(ValueError, match=r"the first 10 tokens of .* \(max_tokens\): too few"):
+        TokenDataset(path, seq_len=16, batch_size=4, max_tokens=10)
+
+
 def test_targets_are_inputs_shifted_by_one(token_file):
     path, _ = token_file
     meta = read_meta(path)

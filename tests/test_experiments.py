@@ -14,7 +14,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llm.experiments import CatalogueError, early_loss, finding, load_catalogue, parse_catalogue, summarize
+from llm.experiments import (
+    CatalogueError,
+    Experiment,
+    Measurement,
+    early_loss,
+    finding,
+    load_catalogue,
+    parse_catalogue,
+    summarize,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,11 +35,12 @@ def test_the_shipped_catalogue_is_valid_and_every_variant_is_a_change():
 
     catalogue = load_catalogue(ROOT / "experiments.yaml")
     wanted = {"clipping", "warmup", "weight-decay", "dropout", "qkv-bias", "norm-placement", "norm-kind",
-              "positions", "mlp", "attention", "optimizer", "preset"}
+              "positions", "mlp", "attention", "optimizer", "preset", "attention-cost"}
     assert wanted <= set(catalogue.experiments)
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     runs = plan(catalogue, raw, catalogue.select(None))
-    assert all(len(e.seeds) >= 2 for e in catalogue.experiments.values())
+    assert all(len(e.seeds) >= 2 for e in catalogue.experiments.values() if isinstance(e, Experiment))
+    assert isinstance(catalogue.experiments["attention-cost"], Measurement)
     # norm-placement sweeps the learning rate for both placements
     sweep = catalogue.experiments["norm-placement"]
     assert {v.sweep_value for v in sweep.variants} == {0.003, 0.01, 0.03} and len(sweep.variants) == 6
@@ -53,6 +63,58 @@ def _plan(raw_catalogue: dict):
     return plan(catalogue, raw, catalogue.select(None))
 
 
+def test_across_vocabularies_the_finding_compares_bits_per_byte():
+    experiment = parse_catalogue(_catalogue(
+        measure="bits_per_byte", baseline={"label": "vocab 8192", "set": {"tokenizer.vocab_size": 8192}},
+        variants=[{"label": "vocab 512", "set": {"tokenizer.vocab_size": 512}}])).experiments["clipping"]
+
+    def run(variant, seed, val_loss, bpb, per_word, share, parameters):
+        return {"variant": variant, "seed": seed, "metrics": {
+            "val_loss": val_loss, "train_loss": val_loss - 0.1, "val_bits_per_byte": bpb, "val_tokens_per_word": per_word,
+            "embedding_share": share, "parameters": parameters}, "train": [], "diagnosis": []}
+
+    # the 512 vocabulary has the LOWER loss per token and the HIGHER bits per byte: per byte decides
+    results = [run("vocab-8192", 1, 5.0, 1.60, 1.3, 0.52, 2_100_000), run("vocab-8192", 2, 5.1, 1.62, 1.3, 0.52, 2_100_000),
+               run("vocab-512", 1, 3.0, 1.90, 3.1, 0.06, 1_100_000), run("vocab-512", 2, 3.1, 1.94, 3.1, 0.06, 1_100_000)]
+    text = finding(experiment, summarize(experiment, results))
+    assert "vocab 8192: 1.610 bits/byte (±0.010), 1.30 tokens/word, 52% of 2,100,000 parameters in embeddings" in text
+    assert "vocab 512: 1.920 bits/byte (±0.020), 3.10 tokens/word, 6% of 1,100,000" in text
+    assert text.endswith("Lowest bits per byte: vocab 8192, 0.310 below vocab 512.")
+
+
+def test_a_classify_experiment_seeds_the_classify_stage_and_reports_accuracy_against_random_weights(tmp_path):
+    from flows.experiments import plan
+    from llm.experiment_report import write_report
+
+    raw = {"seeds": [1, 2], "base": {}, "experiments": {"value": {
+        "stage": "classify", "measure": "accuracy",
+        "baseline": {"label": "all labels", "set": {"classify.train_fraction": 1.0}},
+        "variants": [{"label": "1% labels", "set": {"classify.train_fraction": 0.01}}]}}}
+    catalogue = parse_catalogue(raw)
+    experiment = catalogue.experiments["value"]
+    runs = plan(catalogue, yaml.safe_load((ROOT / "params.yaml").read_text()), [experiment])
+    assert {r.overrides["classify.seed"] for r in runs} == {1, 2} and "pretrain.train.seed" not in runs[0].overrides
+
+    def run(variant, seed, pretrained, scratch):
+        return {"variant": variant, "seed": seed, "train": [], "diagnosis": [], "metrics": {"test": {
+            "pretrained": {"accuracy": pretrained}, "from_scratch": {"accuracy": scratch}}}}
+
+    results = [run("all-labels", 1, 0.98, 0.97), run("all-labels", 2, 0.99, 0.98),
+               run("1-labels", 1, 0.90, 0.80), run("1-labels", 2, 0.92, 0.84)]
+    entry = write_report(tmp_path, experiment, results)
+    assert entry["finding"] == ("all labels: 98.5% pretrained vs 97.5% from random weights (+1.0 points); 1% labels: "
+                                "91.0% pretrained vs 82.0% from random weights (+9.0 points). Pretraining paid most "
+                                "with 1% labels (+9.0 points) and least with all labels (+1.0).")
+    report = (tmp_path / "report.md").read_text()
+    assert "| 1% labels | 2 | 91.00% ± 1.00% | 82.00% ± 2.00% | +9.0 | 90.00%, 92.00% |" in report
+    assert (tmp_path / "accuracy.png").stat().st_size > 1000 and "Loss-curve diagnosis" not in report
+
+
+def test_a_measurement_names_a_known_bench():
+    with pytest.raises(CatalogueError, match=r"bench: 'attention' is not one of attention_cost"):
+        parse_catalogue({"seeds": [1, 2], "experiments": {"cost": {"bench": "attention"}}})
+
+
 def test_an_unknown_experiment_name_is_refused_with_the_known_ones():
     catalogue = parse_catalogue(_catalogue())
     with pytest.raises(CatalogueError, match=r"unknown experiment 'cliping'.*known: clipping"):
@@ -68,8 +130,12 @@ def test_a_mistyped_params_key_is_named_before_anything_runs():
     wrong_type = _catalogue(variants=[{"label": "text", "set": {"pretrain.train.grad_clip": "none"}}])
     with pytest.raises(ExperimentError, match=r"clipping / text: pretrain.train.grad_clip"):
         _plan(wrong_type)
-    with pytest.raises(CatalogueError, match="pretrain stage only"):
-        parse_catalogue(_catalogue(variants=[{"label": "x", "set": {"classify.lr": 0.1}}]))
+    with pytest.raises(CatalogueError, match=r"'instruct.lr': experiments change the pretrain stage \(or the tokenizer"):
+        parse_catalogue(_catalogue(variants=[{"label": "x", "set": {"instruct.lr": 0.1}}]))
+    with pytest.raises(ExperimentError, match=r"clipping / vocab: unknown key 'tokenizer.vocab'"):
+        _plan(_catalogue(variants=[{"label": "vocab", "set": {"tokenizer.vocab": 512}}]))
+    # a tokenizer change is a change, though the pretrain settings stay the same
+    assert len(_plan(_catalogue(variants=[{"label": "vocab", "set": {"tokenizer.vocab_size": 512}}]))) == 4
 
 
 def test_a_variant_identical_to_its_baseline_is_refused():
@@ -239,3 +305,52 @@ def test_one_experiment_end_to_end(pipeline_repo, prefect_api, tmp_path):
     assert "clip at 1.0 (baseline) | 2 | – | " + cells[3] in (out / "report.md").read_text()
     assert {name: (repo / name).read_bytes() for name in before} == before
     print(f"second run {time.time() - started:.0f} s")
+
+
+def test_a_measurement_is_one_bench_run_with_its_report_reused_until_its_code_changes(pipeline_repo, prefect_api,
+                                                                                      tmp_path):
+    import shutil
+
+    import sample_sources as samples
+    from conftest import run, stage_env
+
+    repo = pipeline_repo
+    shutil.copytree(ROOT / "bench", repo / "bench", ignore=shutil.ignore_patterns("__pycache__", "results"))
+    (repo / "params.yaml").write_text(yaml.safe_dump(samples.tiny_pipeline_params(tmp_path), sort_keys=False))
+    catalogue = {"seeds": [1, 2], "base": {}, "experiments": {"attention-cost": {
+        "question": "How does attention's cost grow?", "bench": "attention_cost",
+        "args": ["--min-length", "64", "--max-length", "512", "--memory-cap-mb", "4", "--repeats", "1",
+                 "--fit-from", "64", "--threads", "1"]}}}
+    (repo / "tiny.yaml").write_text(yaml.safe_dump(catalogue, sort_keys=False))
+    env = stage_env(repo)
+    command = [sys.executable, "-m", "flows.experiments", "attention-cost", "--catalogue", "tiny.yaml"]
+    first = run(command, repo, env, timeout=300)
+
+    out = repo / "data/experiments/attention-cost"
+    result = json.loads((out / "result.json").read_text())
+    report = (out / "report.md").read_text()
+    assert "data:image/png;base64," in (out / "report.html").read_text()
+    # the finding is the bench's own numbers: its fitted exponents and where the cap stopped a path
+    fit = result["fit"]
+    for path in ("explicit", "sdpa"):
+        assert f"T^{fit[path]['memory_exponent']:.2f}" in report and f"T^{fit[path]['time_exponent']:.2f}" in report
+    stopped = result["out_of_memory_at"]["explicit"]
+    assert stopped is not None and f"ran out of memory at {stopped:,} tokens" in report
+    assert "attention-cost" in (repo / "data/experiments/index.md").read_text()
+    assert "attention-cost: Explicit softmax attention" in first.stdout
+
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment_id = client.get_experiment_by_name("tests").experiment_id
+    [parent] = client.search_runs([experiment_id], "tags.`llm.experiment` = 'attention-cost'")
+    assert parent.data.metrics["explicit.out_of_memory_at"] == stopped
+    assert parent.data.metrics["sdpa.memory_exponent"] == pytest.approx(fit["sdpa"]["memory_exponent"])
+
+    # nothing changed: the kept result is reused; the bench's code changed: it runs again
+    second = run(command, repo, env, timeout=300)
+    assert "kept from earlier" in second.stdout + second.stderr
+    assert json.loads((out / "result.json").read_text()) == result
+    with open(repo / "bench/attention_cost.py", "a") as script:
+        script.write("\n# changed\n")
+    third = run(command, repo, env, timeout=300)
+    assert "kept from earlier" not in third.stdout + third.stderr

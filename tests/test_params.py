@@ -98,6 +98,14 @@ def test_the_depth_dial_builds_the_model_and_a_bad_depth_is_named(tmp_path):
         load_params(write(tmp_path, data))
 
 
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    # `dvc exp run -S pretrain.train.lr=1e-3` writes `lr: 1e-3` back; YAML 1.1 would read a string
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(base()) + "pretrain:\n  train:\n    lr: 7e-3\n    min_lr: 1E-4\n")
+    train = load_params(path).pretrain.train
+    assert (train.lr, train.min_lr) == (0.007, 0.0001)
+
+
 def test_snapshot_settings_are_checked_with_the_pretrain_section(tmp_path):
     data = base()
     data["pretrain"] = {"snapshots": {"keep": 2, "tokens": 16}}

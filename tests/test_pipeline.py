@@ -13,9 +13,10 @@ from mlflow.tracking import MlflowClient
 
 from llm.checkpoint import load_checkpoint
 from llm.classify import Classifier
-from llm.data import TokenDataset
+from llm.data import TokenDataset, read_meta
+from llm.model import num_params
 from llm.snapshots import list_steps, read_record
-from llm.tokenizer import load_tokenizer
+from llm.tokenizer import load_tokenizer, load_tokenizers
 
 import sample_sources as samples
 from conftest import dvc, stage_env
@@ -36,6 +37,7 @@ def test_tiny_pipeline_end_to_end(pipeline_repo, prefect_api, judge_gguf, tmp_pa
     metrics = json.loads((repo / "data/tokenizer/metrics.json").read_text())
     compared = {key.split(".")[0] for key in metrics["comparison"]}
     assert compared == {"bpe", "unigram", "char", "bpe-en-ar"}
+    assert set(load_tokenizers(repo / "data/tokenizer/comparison")) == compared  # for the server's side-by-side view
     # A BPE that saw Arabic spends fewer tokens on it than one trained on English only.
     assert metrics["language_cost"]["bpe-en-ar"]["ar_over_en"] < metrics["language_cost"]["bpe"]["ar_over_en"]
     assert (repo / "data/tokenizer/comparison.png").stat().st_size > 1000
@@ -68,6 +70,14 @@ def test_tiny_pipeline_end_to_end(pipeline_repo, prefect_api, judge_gguf, tmp_pa
         [client.get_experiment_by_name("tests").experiment_id], "tags.`llm.stage` = 'pretrain'")[0].info.run_id
     assert "val_loss" in dvc(repo, "plots", "show", "--json", env=env).stdout
     assert 0 < pretrain["unigram_val_loss"] < math.log(400)  # frequencies beat uniform guessing
+    # bits per byte: the val loss in bits, times the val text's tokens per byte (as the pack stage counted them)
+    val_text = [json.loads(line)["text"] for line in corpus]
+    val_meta = read_meta(repo / "data/pack/tokens/val.bin")
+    assert 0 < val_meta["bytes"] < sum(len(t.encode()) for t in val_text)
+    assert pretrain["val_bits_per_byte"] == pytest.approx(
+        pretrain["val_loss"] / math.log(2) * val_meta["num_tokens"] / val_meta["bytes"])
+    assert pretrain["val_tokens_per_word"] == pytest.approx(pack["val"]["tokens_per_word"])
+    assert pretrain["embedding_share"] == pytest.approx(1 - num_params(model, non_embedding=True) / num_params(model))
     assert len((repo / "data/pretrain/samples.txt").read_text().strip()) > 0
     # Snapshots of the run travel in the model folder: step 0 and each evaluation, with records.
     assert list_steps(repo / "data/pretrain/model/snapshots") == [0, 15, 30] and pretrain["snapshots"] == 3

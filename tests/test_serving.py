@@ -19,6 +19,9 @@ import httpx
 import openai
 import pytest
 
+from llm.attribution import activation_patching, direct_logit_attribution
+from llm.checkpoint import load_checkpoint
+from llm.model import flops_per_token, num_params
 from llm.tokenizer import load_tokenizer
 
 from test_serving_support import fuzz, make_model_dir, running
@@ -33,7 +36,7 @@ def server(tmp_path_factory):
     folder = make_model_dir(tmp_path_factory.mktemp("serving") / "tiny", context_length=CONTEXT)
     with running("--model", str(folder), "--max-tokens", str(MAX_TOKENS), "--max-batch-size", "16",
                  "--max-queue", "512", "--introspect-max-values", "100000", "--max-body-bytes", "200000",
-                 "--seed", "0") as server:
+                 "--seed", "0", "--tokenizers", str(folder.parent / "no-comparison")) as server:
         server.folder = folder
         yield server
 
@@ -237,6 +240,66 @@ def test_tokenize_text_and_chat(http, tokenizer):
     assert chat["tokens"][0]["text"] == "<|user|>" and chat["tokens"][-1]["text"] == "<|assistant|>"
 
 
+# --- inspecting: architecture, why this token, tokenizers side by side ----------------------------------
+
+def test_architecture_counts_the_served_model(http, server):
+    diagram = http.get("/v1/architecture").json()
+    model = load_checkpoint(server.folder)
+    parts = diagram["input"] + diagram["output"]
+    blocks = diagram["block"]["parts"]
+    assert [p["name"] for p in parts] == ["tok_emb", "pos_emb", "final_norm", "lm_head"]
+    assert [p["name"] for p in blocks] == ["norm1", "attn", "norm2", "mlp"] and diagram["block"]["count"] == 2
+    assert sum(p["params"] for p in parts) + sum(p["params_all"] for p in blocks) == num_params(model)
+    assert diagram["totals"]["params"] == num_params(model)
+    assert sum(p["flops"] for p in parts) + sum(p["flops_all"] for p in blocks) == flops_per_token(model.config)
+    attention = blocks[1]
+    assert attention["params"] == sum(p.numel() for p in model.blocks[0].attn.parameters())
+    assert "4 heads" in attention["detail"] and "softmax" in attention["equation"]
+
+
+def test_attribution_over_http_is_the_librarys_on_the_same_weights(http, server, tokenizer):
+    text = "Hello world"
+    ids = tokenizer.encode(text)
+    model = load_checkpoint(server.folder)
+    for body in ({"text": text, "top_k": 3}, {"token_ids": ids, "position": 4, "target": ids[5]}):
+        result = http.post("/v1/attribution", json=body)
+        assert result.status_code == 200, result.text
+        result = result.json()
+        expected = direct_logit_attribution(model, ids, position=body.get("position", -1), target=body.get("target"))
+        assert result["target"]["id"] == expected["target"]["id"] and result["position"] == expected["position"]
+        assert math.isclose(result["logit"], expected["logit"], abs_tol=1e-5)
+        assert abs(result["sum"] - (result["logit"] - result["bias_term"])) < 1e-4
+        assert [len(layer["heads"]) for layer in result["layers"]] == [4, 4]
+        assert [t["id"] for t in result["tokens"]] == ids and "frozen" in result["method"]
+    assert len(result["top"]) == 5 and result["position"] == 4
+
+
+def test_patching_over_http(http, server, tokenizer):
+    same = http.post("/v1/patching", json={"clean": {"text": "Hello world"}, "corrupted": {"text": "Hello world"}})
+    assert same.status_code == 200, same.text
+    same = same.json()
+    assert same["clean"] == same["corrupted"] and same["foil"] is None
+    assert all(abs(v - same["clean"]) < 1e-4 for layer in same["layers"] for v in layer["values"])
+    pair = {"clean": {"text": "Hello world"}, "corrupted": {"text": "Hello there"}}
+    result = http.post("/v1/patching", json=pair).json()
+    expected = activation_patching(load_checkpoint(server.folder), tokenizer.encode("Hello world"),
+                                   tokenizer.encode("Hello there"))
+    assert [layer["label"] for layer in result["layers"]] == ["embeddings", "after block 0", "after block 1"]
+    for got, want in zip(result["layers"], expected["layers"]):
+        assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(got["values"], want["values"]))
+    assert math.isclose(result["layers"][-1]["restored"][-1], 1.0, abs_tol=1e-3)  # the last stream decides
+
+
+def test_tokenizer_comparison_without_its_folder_says_what_to_run(http, tokenizer):
+    result = http.post("/v1/tokenizers/compare", json={"text": "Hé 東京"})
+    assert result.status_code == 200, result.text
+    result = result.json()
+    [served] = result["tokenizers"]
+    assert served["name"] == "served model" and served["count"] == len(tokenizer.encode("Hé 東京"))
+    assert result["bytes"] == len("Hé 東京".encode()) and served["tokens"][-1]["byte_end"] == result["bytes"]
+    assert "no-comparison" in result["message"] and "tokenizer stage" in result["message"]
+
+
 # --- validation: every bad request is a 4xx JSON error, before any work ---------------------------------
 
 CHAT = {"model": MODEL, "messages": USER, "max_tokens": 2}
@@ -271,6 +334,17 @@ BAD = [
     ("/v1/introspect", {"text": 5}, 400, "text"),
     ("/v1/introspect", {"text": "hi", "step": 0}, 404, "'tiny' has no training snapshots"),
     ("/v1/tokenize", {"text": "a", "messages": USER}, 400, "exactly one"),
+    ("/v1/attribution", {"text": "hi", "target": 10 ** 6}, 400, "target token 1000000 is out of range"),
+    ("/v1/attribution", {"text": "hi", "position": 2}, 400, "position 2 is outside"),
+    ("/v1/attribution", {"text": "x" * (CONTEXT + 1)}, 400, f"at most {CONTEXT}"),
+    ("/v1/attribution", {"text": "hi", "model": "nope"}, 404, "does not exist"),
+    ("/v1/attribution", {"token_ids": [999_999]}, 400, "vocabulary"),
+    ("/v1/patching", {"clean": {"text": "abc"}, "corrupted": {"text": "ab"}}, 400, "same number of tokens"),
+    ("/v1/patching", {"clean": {"text": "x" * 200}, "corrupted": {"text": "y" * 200}}, 400, "token-passes"),
+    ("/v1/patching", {"clean": {"text": "a", "token_ids": [1]}, "corrupted": {"text": "b"}}, 400, "exactly one"),
+    ("/v1/patching", {"clean": {"text": "ab"}, "corrupted": {"text": "ac"}, "foil": 10 ** 6}, 400, "foil token"),
+    ("/v1/tokenizers/compare", {"text": ""}, 400, "text"),
+    ("/v1/tokenizers/compare", {"text": "x" * 10_001}, 400, "text"),
     ("/v1/nothing", {}, 404, None),
 ]
 

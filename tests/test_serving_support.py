@@ -22,7 +22,7 @@ import torch
 
 from llm.checkpoint import save_model_dir
 from llm.model import GPT, ModelConfig
-from llm.tokenizer import train_char
+from llm.tokenizer import save_tokenizers, train_char, train_sentencepiece
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,6 +38,12 @@ def make_model_dir(folder: Path, seed: int = 0, **overrides) -> Path:
     config = ModelConfig.from_preset("tiny", **{**dict(n_layer=2, d_model=64, n_head=4,
                                                        vocab_size=tokenizer.vocab_size), **overrides})
     return save_model_dir(GPT(config), tokenizer, folder)
+
+
+def make_comparison_dir(folder: Path) -> Path:
+    """Comparison tokenizers laid out as the tokenizer stage saves them: a small BPE and a char one."""
+    return save_tokenizers({"bpe": train_sentencepiece(TEXTS, "bpe", 340, progress=False),
+                            "char": train_char(TEXTS, progress=False)}, folder)
 
 
 def free_port() -> int:

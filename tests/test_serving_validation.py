@@ -6,11 +6,23 @@ import asyncio
 
 import httpx
 import pytest
+from fastapi import HTTPException
 from pydantic import ValidationError
 
+from llm.model import ModelConfig
+from llm.tokenizer import train_char
+from serving import explain
 from serving.errors import describe_validation
 from serving.middleware import BodySizeLimit, InFlightLimit
-from serving.schemas import ChatCompletionRequest, CompletionRequest, IntrospectRequest, TokenizeRequest
+from serving.options import Limits
+from serving.schemas import (
+    AttributionRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    IntrospectRequest,
+    PatchingRequest,
+    TokenizeRequest,
+)
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -87,6 +99,30 @@ def test_tokenize_needs_exactly_one_input():
     for body in ({}, {"text": "x", "messages": [{"role": "user", "content": "y"}]}):
         with pytest.raises(ValidationError):
             TokenizeRequest.model_validate(body)
+
+
+def test_explaining_checks_the_model_before_any_work():
+    tokenizer = train_char(["abcdef ghij"], progress=False)
+    config = ModelConfig.from_preset("tiny", n_layer=2, d_model=16, n_head=2, n_kv_head=2, vocab_size=tokenizer.vocab_size,
+                                     context_length=8)
+
+    def refusal(request, config=config, limits=None) -> str:
+        with pytest.raises(HTTPException) as error:
+            explain.plan(request, config, tokenizer, limits or Limits(), "m")
+        return f"{error.value.status_code} {error.value.detail}"
+
+    post_norm = ModelConfig.from_dict({**config.to_dict(), "norm_placement": "post"})
+    assert "400 direct logit attribution needs a pre-norm model" in refusal(
+        AttributionRequest(text="abc"), config=post_norm)
+    assert refusal(AttributionRequest(text="abcdefghi")) == "400 text: 9 tokens; this server explains at most 8"
+    assert refusal(AttributionRequest(text="abc", position=-4)).startswith("400 position -4 is outside")
+    assert refusal(AttributionRequest(text="abc", model="x")).startswith("404 the model 'x' does not exist")
+    pair = PatchingRequest(clean={"text": "abcd"}, corrupted={"token_ids": [1, 2, 3, 4]})
+    assert explain.plan(pair, config, tokenizer, Limits(), "m")["corrupted"] == [1, 2, 3, 4]
+    assert "(layers + 1) x tokens^2 = 48 token-passes; this server allows 47" in refusal(
+        pair, limits=Limits(patching_max_token_passes=47))
+    with pytest.raises(ValidationError, match="exactly one of text or token_ids"):
+        PatchingRequest(clean={"text": "a"}, corrupted={})
 
 
 def test_malformed_json_message():

@@ -24,7 +24,9 @@ from llm.tokenizer import (
     TiktokenTokenizer,
     fingerprint_dir,
     load_tokenizer,
+    load_tokenizers,
     measure,
+    save_tokenizers,
     train_char,
     train_sentencepiece,
 )
@@ -172,6 +174,17 @@ def test_fingerprint_names_the_model(tokenizers):
     assert train_char(CORPUS[:1], progress=False).fingerprint() != prints["char"]
     other = TiktokenTokenizer("tiny", tiny_ranks(TINY_MERGES[:-1]), tokenizers["tiktoken"].pat_str)
     assert other.fingerprint() != prints["tiktoken"]
+
+
+def test_a_set_of_tokenizers_saves_and_loads_by_name(tokenizers, tmp_path):
+    folder = save_tokenizers({"unigram": tokenizers["unigram"], "bpe-en-ar": tokenizers["bpe"],
+                              "char": tokenizers["char"]}, tmp_path / "comparison")
+    (folder / "notes").mkdir()  # a folder without tokenizer.json is not one of them
+    loaded = load_tokenizers(folder)
+    assert list(loaded) == ["bpe-en-ar", "char", "unigram"]
+    assert loaded["bpe-en-ar"].fingerprint() == tokenizers["bpe"].fingerprint()
+    with pytest.raises(ValueError, match="plain folder name"):
+        save_tokenizers({"../escape": tokenizers["char"]}, tmp_path / "other")
 
 
 def test_load_rejects_a_folder_without_tokenizer_json(tmp_path):

@@ -21,8 +21,12 @@ import httpx
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
+from llm.checkpoint import load_checkpoint
+from llm.model import num_params, parts_of
+from llm.tokenizer import load_tokenizer, load_tokenizers
+
 sys.path.insert(0, str(Path(__file__).parent))
-from test_serving_support import make_model_dir, running  # noqa: E402
+from test_serving_support import make_comparison_dir, make_model_dir, running  # noqa: E402
 
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
 # Without the networking flags Chromium keeps trying to reach Google's hosts on a closed network.
@@ -58,7 +62,9 @@ def ask(page: Page, url: str, prompt: str, max_tokens: int = 24) -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     folder = make_model_dir(tmp_path_factory.mktemp("web") / "tiny", context_length=128)
-    with running("--model", str(folder), "--seed", "0") as server:
+    comparison = make_comparison_dir(folder.parent / "comparison")
+    with running("--model", str(folder), "--seed", "0", "--tokenizers", str(comparison)) as server:
+        server.folder, server.comparison = folder, comparison
         yield server
 
 
@@ -153,6 +159,82 @@ def test_logit_lens_grid_and_config(page_after_generation, tmp_path):
     assert "has no training snapshots" in page.inner_text("#tl-note") and page.is_hidden("#tl-view")
     page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
     assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+# --- the inspect views (serving/web/inspect.js) ---------------------------------------------------
+
+def test_architecture_diagram_counts_match_the_model(page_after_generation, server):
+    page = page_after_generation
+    page.wait_for_selector("#arch-diagram .part")
+    model = load_checkpoint(server.folder)
+    boxes = page.eval_on_selector_all("#arch-diagram .part", "boxes => boxes.map(b => [b.dataset.part, "
+                                      "Number(b.dataset.params), b.dataset.paramsAll ? Number(b.dataset.paramsAll) : null])")
+    assert [name for name, *_ in boxes] == ["tok_emb", "pos_emb", "norm1", "attn", "norm2", "mlp", "final_norm", "lm_head"]
+    counted = {p["name"]: p["params"] for p in parts_of(model)}
+    for name, params, params_all in boxes:
+        if params_all is None:
+            assert params == counted[name]
+        else:  # a block's part: one block's count, and all blocks'
+            assert params == counted[f"blocks.0.{name}"]
+            assert params_all == sum(counted[f"blocks.{i}.{name}"] for i in range(N_LAYER))
+    total = sum(params_all if params_all is not None else params for _, params, params_all in boxes)
+    assert total == num_params(model) == int(page.get_attribute("#arch-totals", "data-params"))
+    assert f"{num_params(model):,} parameters" in page.inner_text("#arch-totals")
+    assert page.get_attribute("#arch-diagram .block", "data-count") == str(N_LAYER)
+    assert "softmax" in page.inner_text("#arch-diagram [data-part=attn]")
+
+
+def test_why_this_token_attribution_and_patching_views(page_after_generation, server):
+    page = page_after_generation
+    prompt = "Hello world! How are you"
+    page.fill("#why-prompt", prompt)
+    page.click("#why-explain")
+    page.wait_for_selector("#why-grid tr[data-layer]")
+    truth = httpx.post(server.url + "/v1/attribution", json={"text": prompt}).json()
+    assert page.locator("#why-grid tr[data-layer]").count() == N_LAYER
+    first = page.eval_on_selector_all("#why-grid tr[data-layer='0'] td.value", "cells => cells.map(c => c.textContent)")
+    layer = truth["layers"][0]
+    assert first == [f"{v:.3f}" for v in [*layer["heads"], layer["attention_bias"], layer["mlp"]]]
+    assert float(page.get_attribute("#why-summary", "data-sum")) == truth["sum"]
+    # A head's cell opens what it read: one value per prompt token, adding up to the head's part.
+    page.click("#why-grid tr[data-layer='1'] td.head-cell[data-head='2']")
+    page.wait_for_selector("#why-sources[data-head='2'] .source")
+    shown = page.eval_on_selector_all("#why-sources .source", "spans => spans.map(s => Number(s.dataset.value))")
+    assert shown == truth["layers"][1]["sources"][2] and len(shown) == len(prompt)
+    # Another candidate: the view explains that token instead.
+    other = page.locator("#why-top .chip >> nth=1")
+    other_id = other.get_attribute("data-id")
+    other.click()
+    page.wait_for_selector(f"#why-top .chip.selected[data-id='{other_id}']")
+    assert f"(id {other_id})" in page.inner_text("#why-summary")
+
+    page.fill("#patch-prompt", "Hello world! How are yoo")
+    page.click("#patch-run")
+    page.wait_for_selector("#patch-grid tr[data-layer]")
+    assert page.locator("#patch-grid tr[data-layer]").count() == N_LAYER + 1
+    assert page.locator("#patch-grid tr >> nth=0").locator("th").count() == len(prompt) + 1  # a char tokenizer
+    assert "u / o" in page.inner_text("#patch-grid tr >> nth=0")  # the changed position names both tokens
+    page.fill("#patch-prompt", "Hi")
+    page.click("#patch-run")
+    expect(page.locator("#patch-status")).to_contain_text("same number of tokens")
+
+
+def test_tokenizers_side_by_side(page_after_generation, server):
+    page = page_after_generation
+    text = "The quick brown fox. الطقس جميل"
+    page.fill("#compare-text", text)
+    page.click("#compare-run")
+    expect(page.locator("#compare-status")).to_have_text(f"{len(text)} characters, {len(text.encode())} bytes")
+    splits = page.eval_on_selector_all("#compare-results .split", "blocks => blocks.map(b => "
+                                       "[b.dataset.name, Number(b.dataset.count), b.querySelectorAll('.piece').length])")
+    tokenizers = {"served model": load_tokenizer(server.folder / "tokenizer"), **load_tokenizers(server.comparison)}
+    assert [name for name, *_ in splits] == list(tokenizers) == ["served model", "bpe", "char"]
+    for (name, count, pieces), tokenizer in zip(splits, tokenizers.values()):
+        assert count == pieces == len(tokenizer.encode(text)), name
+    assert splits[1][1] < splits[2][1]  # the BPE merges what the character tokenizer spells out
+    # A byte-fallback piece names the character it is a byte of.
+    title = page.get_attribute("#compare-results .split[data-name=char] .piece >> text=<0xD8> >> nth=0", "title")
+    assert title.endswith('part of "ا"')
 
 
 def main() -> None:

@@ -3,7 +3,9 @@
 // two step sliders put the same text side by side at two steps: each token's probability (hover
 // for the top-k candidates) and the attention of a chosen layer and head, with tokens on both
 // axes. A head can be pinned, to keep it in view while another layer is chosen.
-// Uses page.js's helpers ($, fillSelect, probabilityColour, showTooltip, paint via heatmap.js).
+// Uses page.js's helpers ($, errorMessage, fillSelect, probabilityColour, showTooltip, NEWLINE) and
+// heatmap.js's readableHeatmap. One function scope: nothing here becomes a global.
+(() => {
 "use strict";
 
 const timeline = { steps: [], records: new Map(), pinned: [], curves: null };
@@ -233,3 +235,4 @@ window.addEventListener("DOMContentLoaded", () => {
   $("tl-pin").addEventListener("click", () => pin().catch(showTimelineError));
   loadTimeline().catch(showTimelineError);
 });
+})();
