@@ -64,8 +64,7 @@ def plan(request: IntrospectRequest, config: ModelConfig, tokenizer: Tokenizer, 
 
     if request.model is not None and request.model != model_name:
         bad(f"the model '{request.model}' does not exist here; this server serves '{model_name}'", 404)
-    if request.step is not None and (problem := step_problem(request.step, list(steps), model_name)):
-        bad(problem, 404)
+    check_step(request.step, steps, model_name)
     cap = caps(config, tokenizer, limits)
     ids = tokenizer.encode(request.text) if request.text is not None else list(request.token_ids)
     if not ids:
@@ -99,6 +98,12 @@ def plan(request: IntrospectRequest, config: ModelConfig, tokenizer: Tokenizer, 
                 "ask for fewer layers or heads, or send less text")
     return {"ids": ids, "top_k": k, "layers": layers, "heads": heads, "logit_lens": request.logit_lens,
             "step": request.step, "caps": cap}
+
+
+def check_step(step: int | None, steps: list[int], model_name: str) -> None:
+    """A request's `step` must be one of the model's snapshots (None: the trained model): else 404."""
+    if step is not None and (problem := step_problem(step, list(steps), model_name)):
+        raise HTTPException(404, problem)
 
 
 def byte_spans(tokenizer: Tokenizer, ids: list[int]) -> list[tuple[int, int]]:
@@ -155,9 +160,12 @@ class IntrospectAPI(ls.LitAPI):
         return plan(request, self.model.config, self.tokenizer, self.options.limits, self.options.model_name,
                     self.steps)
 
+    def model_at(self, step: int | None) -> GPT:
+        """The trained model, or a snapshot's (`step` already checked by check_step)."""
+        return self.model if step is None else self.snapshot(step)
+
     def predict(self, planned: dict) -> dict:
-        model = self.model if planned["step"] is None else self.snapshot(planned["step"])
-        return run(model, self.tokenizer, planned, self.options.model_name)
+        return run(self.model_at(planned["step"]), self.tokenizer, planned, self.options.model_name)
 
     def encode_response(self, output: dict) -> IntrospectResponse:
         return output

@@ -324,6 +324,11 @@ class AttentionRequest(Strict):
                                                             description="0-based head indices; all heads if omitted.")
 
 
+SnapshotStep = Annotated[int, Field(ge=0, description="Ask the model as it was at this training step (one of "
+                                                    "GET /v1/models' `snapshots`); the trained model if omitted.")]
+ServedStep = Annotated[int | None, Field(description="The snapshot's training step; null for the trained model.")]
+
+
 class PromptInput(Strict):
     model_config = _exactly_one_of("text", "token_ids")
     text: str = Field(None, min_length=1, description="Text (special-token strings stay text).")
@@ -341,8 +346,7 @@ class IntrospectRequest(PromptInput):
     top_k: int = Field(5, ge=1, description="Candidates per position, for the next token and the logit lens.")
     attention: AttentionRequest | None = Field(None, description="Attention maps to return (none by default).")
     logit_lens: bool = Field(False, description="Top-k read-out of the residual stream after every layer.")
-    step: int | None = Field(None, ge=0, description="Ask the model as it was at this training step (one of "
-                                                     "GET /v1/models' `snapshots`); the trained model if omitted.")
+    step: SnapshotStep | None = None
 
 
 class Candidate(Loose):
@@ -381,7 +385,7 @@ class LensLayer(Loose):
 
 class IntrospectResponse(Loose):
     model: str
-    step: int | None = Field(description="The snapshot's training step; null for the trained model.")
+    step: ServedStep
     tokens: list[IntrospectToken]
     attention: list[LayerAttention] | None
     logit_lens: list[LensLayer] | None
@@ -448,6 +452,7 @@ class AttributionRequest(PromptInput):
     target: int | None = Field(None, ge=0, description="The token id whose logit is explained "
                                                        "(default: the model's top prediction there).")
     top_k: int = Field(5, ge=1, le=50, description="Top predictions at the position to return.")
+    step: SnapshotStep | None = None
 
 
 class PatchingRequest(Strict):
@@ -457,6 +462,7 @@ class PatchingRequest(Strict):
     target: int | None = Field(None, ge=0, description="The answer token (default: the clean prompt's prediction).")
     foil: int | None = Field(None, ge=0, description="The token it competes with (default: the corrupted "
                                                      "prompt's prediction, if different).")
+    step: SnapshotStep | None = None
 
 
 class TokenChoice(Loose):
@@ -487,6 +493,7 @@ class LayerAttribution(Loose):
 
 class AttributionResponse(Loose):
     model: str
+    step: ServedStep
     tokens: list[TokenChoice] = Field(description="The prompt's tokens.")
     position: int
     target: TokenChoice
@@ -516,6 +523,7 @@ class PatchingTokens(Loose):
 
 class PatchingResponse(Loose):
     model: str
+    step: ServedStep
     target: TokenChoice
     foil: TokenChoice | None
     metric: str

@@ -66,10 +66,19 @@ def test_introspection_at_a_step_reads_the_snapshots_weights(http, server):
     for recorded, served in zip(probe["tokens"][1:], at[20]["tokens"][1:]):
         assert math.isclose(recorded["prob"], served["prob"], abs_tol=2e-3)   # float16 weights, same numbers
     assert at[0]["tokens"][3]["prob"] != pytest.approx(trained["tokens"][3]["prob"], abs=1e-3)
+    # Why this token, asked of the untrained and the trained snapshot: other logits, each summed exactly.
+    why = {step: http.post("/v1/attribution", json={"token_ids": probe["ids"], "step": step}).json() for step in (0, 40)}
+    assert [why[step]["step"] for step in (0, 40)] == [0, 40] and why[0]["logit"] != pytest.approx(why[40]["logit"])
+    assert all(w["sum"] == pytest.approx(w["logit"] - w["bias_term"], abs=1e-3) for w in why.values())
+    patched = http.post("/v1/patching", json={"clean": {"token_ids": probe["ids"][:6]},
+                                              "corrupted": {"token_ids": probe["ids"][1:7]}, "step": 20}).json()
+    assert patched["step"] == 20 and len(patched["layers"]) == 3   # embeddings + 2 blocks
 
 
 @pytest.mark.parametrize("method, path, body", [
     ("POST", "/v1/introspect", {"text": "hi", "step": 7}),
+    ("POST", "/v1/attribution", {"text": "hi", "step": 7}),
+    ("POST", "/v1/patching", {"clean": {"text": "ab"}, "corrupted": {"text": "ac"}, "step": 7}),
     ("GET", "/v1/snapshots/7", None),
 ])
 def test_an_unknown_step_is_a_404_listing_the_steps(http, method, path, body):
@@ -81,7 +90,7 @@ def test_an_unknown_step_is_a_404_listing_the_steps(http, method, path, body):
 
 def test_fuzzing_the_snapshot_endpoints_finds_no_server_error(server):
     """Here the model has snapshots: valid steps get real records, checked against the schema."""
-    fuzz(server.url, max_examples=15, max_time_s=20, only="^/v1/(snapshots|introspect)")
+    fuzz(server.url, max_examples=15, max_time_s=20, only="^/v1/(snapshots|introspect|attribution)")
 
 
 # --- the page ---------------------------------------------------------------------------------------
