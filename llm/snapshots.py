@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 
 from llm import introspect
 from llm.checkpoint import WEIGHTS_FILE, checkpoint_name, load_weights
-from llm.files import atomic_dir, read_json, write_json
+from llm.files import atomic_dir, atomic_file, read_json, write_json
 from llm.model import GPT
 from llm.plain import PlainDict, field_checker
 
@@ -94,9 +94,9 @@ def record(model: GPT, probes: Sequence[Probe], decode_token: Callable[[int], st
     """What the model does with each probe: token table and every layer's and head's attention."""
     out = []
     for probe in probes:
-        seen = introspect.inspect(model, probe.ids, decode_token, top_k=top_k, with_logit_lens=False,
-                                  digits=DIGITS)
-        out.append({"name": probe.name, "text": "".join(row["text"] for row in seen["tokens"]), "ids": probe.ids,
+        ids = probe.ids[:model.config.context_length]   # a long probe text: what one forward pass sees
+        seen = introspect.inspect(model, ids, decode_token, top_k=top_k, with_logit_lens=False, digits=DIGITS)
+        out.append({"name": probe.name, "text": "".join(row["text"] for row in seen["tokens"]), "ids": ids,
                     "tokens": seen["tokens"], "attention": seen["attention"]["layers"]})
     return out
 
@@ -183,7 +183,8 @@ class Snapshots:
 
 
 def _write_record(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")))   # compact: mostly numbers
+    with atomic_file(path) as tmp:   # compact: mostly numbers
+        tmp.write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")))
 
 
 def probe_bits(result: dict) -> dict[str, float]:
