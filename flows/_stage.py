@@ -96,13 +96,15 @@ def _parent_run_id(client: MlflowClient, experiment_id: str, run_id: str) -> str
 class Stage:
     """Handle passed to a stage's code: where to write, and how to log."""
 
-    def __init__(self, name: str, params: Params, run: mlflow.ActiveRun, pipeline_id: str):
+    def __init__(self, name: str, params: Params, run: mlflow.ActiveRun, pipeline_id: str,
+                 out_dir: Path | None = None):
         self.name = name
         self.params = params
         self.run = run
         self.pipeline_id = pipeline_id
-        self.out_dir = stage_dir(name)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = stage_dir(name) if out_dir is None else Path(out_dir)
+        if out_dir is None:  # a folder the user named appears only when the stage writes it whole
+            self.out_dir.mkdir(parents=True, exist_ok=True)
 
     @property
     def mlflow_url(self) -> str:
@@ -116,7 +118,8 @@ class Stage:
                            step=step)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        mlflow.log_artifact(str(path), artifact_path)
+        """Log a file, or a folder's files (under artifact_path)."""
+        (mlflow.log_artifacts if Path(path).is_dir() else mlflow.log_artifact)(str(path), artifact_path)
 
     def log_model(self, folder: str | Path, registered_name: str | None) -> str | None:
         """Log a model folder (weights, config, tokenizer/) as artifacts and register it.
@@ -174,8 +177,9 @@ def flatten(data: dict, prefix: str = "", *, lists: bool = True) -> dict[str, An
 
 
 @contextlib.contextmanager
-def stage_run(name: str, params: Params, system_metrics: bool = False) -> Iterator[Stage]:
-    """An MLflow run for one stage, nested under its pipeline run; marks it failed on error."""
+def stage_run(name: str, params: Params, system_metrics: bool = False, out_dir: Path | None = None) -> Iterator[Stage]:
+    """An MLflow run for one stage, nested under its pipeline run; marks it failed on error.
+    out_dir: where metrics.json goes, when not data/<stage> (an export to a folder of the user's)."""
     mlflow.set_tracking_uri(mlflow_tracking_uri())
     client = MlflowClient()
     experiment_id = _experiment_id(client, params.project.experiment)
@@ -189,7 +193,7 @@ def stage_run(name: str, params: Params, system_metrics: bool = False) -> Iterat
     with mlflow.start_run(experiment_id=experiment_id, run_name=name, parent_run_id=parent, nested=True,
                           tags=run_tags, log_system_metrics=system_metrics) as run:
         mlflow.log_params({**flatten(params.project.model_dump(mode="json"), "project"), **_section_params(params, name)})
-        yield Stage(name, params, run, pipeline_id)
+        yield Stage(name, params, run, pipeline_id, out_dir)
 
 
 def _section_params(params: Params, name: str) -> dict[str, Any]:
@@ -203,26 +207,41 @@ def _section_params(params: Params, name: str) -> dict[str, Any]:
 
 # --- the command line of every stage --------------------------------------------------------
 
-def main(flow: Callable[[Params], Any], name: str, argv: list[str] | None = None) -> None:
-    """`python -m flows.<stage>`: validate params first, then run the flow with pipeline tags."""
+def main(flow: Callable[[Params], Any], name: str, argv: list[str] | None = None, *,
+         options: dict[str, dict] | None = None) -> None:
+    """`python -m flows.<stage>`: validate params first, then run the flow with pipeline tags.
+    options: the stage's own command-line options ({flag: add_argument keywords, with dest}),
+    passed to the flow as keyword arguments of those names."""
     parser = argparse.ArgumentParser(
         prog=f"python -m flows.{name}",
         description=f"Run the {name!r} stage as a Prefect flow that logs to MLflow. Normally run by "
                     f"`dvc repro {name}`; reads its knobs from the `{name}` section of params.yaml.")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    for flag, spec in (options or {}).items():
+        parser.add_argument(flag, **spec)
     args = parser.parse_args(argv)
+    flow_options = {spec["dest"]: getattr(args, spec["dest"]) for spec in (options or {}).values()}
     try:
         params = load_params(args.params)
     except ConfigError as err:
         sys.exit(f"error: {err}")
+    run_stage(flow, name, params, **flow_options)
+
+
+def run_stage(flow: Callable[[Params], Any], name: str, params: Params, **flow_options: Any) -> None:
+    """Run a stage's flow with validated params: here, or on the work pool (execution.mode).
+    flow_options: the stage's own options, as keyword arguments of the flow."""
     os.environ[PIPELINE_RUN_ENV] = pipeline_id = pipeline_run_id()  # one id for the flow and the MLflow run
     execution = params.execution
     try:
         if execution.mode == "pool" and name in execution.stages:
-            run_on_pool(name, params.model_dump(mode="json"), execution.pickup_timeout_s, execution.timeout_s)
+            # Pretraining on several hosts runs once on each (flows/remote.py).
+            nodes = params.pretrain.nodes if name == "pretrain" else 1
+            run_on_pool(name, params.model_dump(mode="json"), execution.pickup_timeout_s, execution.timeout_s,
+                        nodes=nodes)
         else:
             with tags(f"stage:{name}", f"pipeline:{pipeline_id}"):
-                flow(params)
+                flow(params, **flow_options)
     except (StageError, RemoteRunFailed) as err:
         sys.exit(f"error: {name} stage failed: {err}")
 

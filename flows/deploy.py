@@ -16,7 +16,7 @@ from pathlib import Path
 import flows  # noqa: F401  (environment defaults)
 from flows.remote import DEPLOYMENT
 
-STAGES = ("download", "tokenizer", "pack", "pretrain", "classify", "instruct", "judge")
+STAGES = ("download", "tokenizer", "pack", "pretrain", "classify", "instruct", "judge", "export")
 
 
 def existing_stages(root: Path) -> list[str]:

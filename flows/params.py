@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from llm import sources
+from llm import distributed, sources
 from llm.classify import ClassifyConfig
 from llm.files import read_yaml
 from llm.finetune import FinetuneConfig
@@ -196,6 +196,14 @@ class PretrainParams(Strict):
     # Processes to train with, one per GPU, under torchrun with DistributedDataParallel: 'auto' = every
     # CUDA GPU of the host; on a CPU a count > 1 runs that many gloo processes (to test the path).
     devices: Union[int, str] = 1
+    # How the processes share the model: ddp (each holds all of it) or fsdp (each holds 1/N of the
+    # weights, gradients and optimizer state: for models whose training state outgrows one GPU).
+    sharding: Literal["ddp", "fsdp"] = "ddp"
+    # Hosts, each running `devices` processes; with more than one, every host runs the stage with its
+    # node rank (flows/pretrain.py) and the launchers meet at rendezvous, HOST:PORT of node 0.
+    nodes: int = Field(1, ge=1)
+    rendezvous: str = ""
+    join_timeout_s: float = Field(600.0, gt=0)   # a host not there by then stops the others
 
     @field_validator("devices")
     @classmethod
@@ -203,6 +211,28 @@ class PretrainParams(Strict):
         if value == "auto" or (isinstance(value, int) and value >= 1):
             return value
         raise ValueError("must be 'auto' (every CUDA GPU of the host) or a count >= 1")
+
+    @field_validator("rendezvous")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if value and not distributed.is_host_port(value):
+            raise ValueError("must be HOST:PORT (node 0's address and a free port every host can reach)")
+        return value
+
+    @model_validator(mode="after")
+    def _rendezvous_for_nodes(self) -> "PretrainParams":
+        if self.nodes > 1 and not self.rendezvous:
+            # Raised for the field itself, so the message names pretrain.rendezvous.
+            raise ValidationError.from_exception_data("PretrainParams", [{
+                "type": "value_error", "loc": ("rendezvous",), "input": self.rendezvous,
+                "ctx": {"error": ValueError(f"nodes={self.nodes} needs the rendezvous endpoint HOST:PORT where the "
+                                            "hosts' launchers meet (node 0's address and a free port)")}}])
+        return self
+
+    def launch(self, node_rank: int = 0, run_id: str = "llm") -> distributed.Nodes:
+        """The hosts of this stage, seen from node `node_rank`, as llm.distributed launches them."""
+        return distributed.Nodes(count=self.nodes, rank=node_rank, endpoint=self.rendezvous, run_id=run_id,
+                                 join_timeout_s=self.join_timeout_s)
 
 
 class ClassifyParams(mirror(ClassifyConfig)):
@@ -244,6 +274,17 @@ class JudgeParams(Strict):
         return self
 
 
+class ExportParams(Strict):
+    """What the export stage writes (flows/export.py); its command line overrides these."""
+
+    model: str = Field("data/instruct/model", min_length=1)  # a model folder or models:/NAME@ALIAS
+    formats: list[Literal["hf", "gguf"]] = Field(["hf", "gguf"], min_length=1)
+    # llm.gguf.GGUF_TYPES, spelled out: importing llm.gguf would load transformers for every stage
+    gguf_types: list[Literal["f32", "f16", "q8_0", "q4_k_m"]] = Field(["f32", "f16", "q8_0"], min_length=1)
+    out: str = Field("data/export", min_length=1)
+    push: str = Field("", pattern=r"^([\w.-]+/[\w.-]+)?$")  # hub repository OWNER/NAME to upload to; "" = never
+
+
 # --- where stages run -----------------------------------------------------------------------------
 
 class ExecutionParams(Strict):
@@ -252,7 +293,7 @@ class ExecutionParams(Strict):
 
     mode: Literal["local", "pool"] = "local"
     pool: str = Field("llm-gpu", min_length=1)
-    stages: list[Literal["download", "tokenizer", "pack", "pretrain", "classify", "instruct", "judge"]] = \
+    stages: list[Literal["download", "tokenizer", "pack", "pretrain", "classify", "instruct", "judge", "export"]] = \
         ["pretrain", "classify", "instruct"]
     pickup_timeout_s: float = Field(120.0, gt=0)  # no worker took the run by then: cancel, fail the stage
     timeout_s: float = Field(86400.0, gt=0)       # the run has not finished by then: cancel, fail
@@ -270,6 +311,7 @@ class Params(Strict):
     classify: ClassifyParams = ClassifyParams()
     instruct: InstructParams = InstructParams()
     judge: Optional[JudgeParams] = None
+    export: ExportParams = ExportParams()
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -283,6 +325,16 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         return Params.model_validate_json(json.dumps(raw))
     except ValidationError as err:
         raise ConfigError("\n".join(f"{path}: {line}" for line in _describe(err))) from None
+
+
+def with_changes(params: Params, section: str, **changes: Any) -> Params:
+    """`params` with some keys of one section changed (a command line's options), validated as
+    params.yaml is; a ConfigError names the key."""
+    values = {**getattr(params, section).model_dump(mode="json"), **changes}
+    try:
+        return params.model_copy(update={section: type(getattr(params, section)).model_validate_json(json.dumps(values))})
+    except ValidationError as err:
+        raise ConfigError("\n".join(f"{section}.{line}" for line in _describe(err))) from None
 
 
 def _describe(err: ValidationError) -> list[str]:

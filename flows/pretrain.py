@@ -17,10 +17,18 @@ runs again with the same settings, while changed settings get a fresh folder (an
 
 Several GPUs (`pretrain.devices: N` or `auto`): the flow (wherever it runs: in the DVC process or
 on a pool's worker) starts `torchrun --standalone --nproc_per_node=N -m flows.pretrain --ddp-rank
-JOB` and waits. Each of those processes trains with DistributedDataParallel (llm.train); rank 0
-writes the checkpoints and the curves and logs the step metrics to this stage's MLflow run, the
-others only compute. The flow then loads the final weights and finishes the stage as with one
-device. LLM_PRETRAIN_TORCHRUN=1 takes this path even with one device (to try it on one GPU).
+JOB` and waits. Each of those processes trains with DistributedDataParallel, or FSDP with
+`pretrain.sharding: fsdp` (llm.train); rank 0 writes the checkpoints and the curves and logs the
+step metrics to this stage's MLflow run, the others only compute. The flow then loads the final
+weights and finishes the stage as with one device. LLM_PRETRAIN_TORCHRUN=1 takes this path even
+with one device (to try it on one GPU).
+
+Several hosts (`pretrain.nodes: N`, `pretrain.rendezvous: NODE0:PORT`): the stage runs on every
+host with that host's node rank, and their torchruns meet at node 0 (llm.distributed.Nodes).
+Node 0 (`dvc repro`, or `python -m flows.pretrain`) holds global rank 0 and finishes the stage;
+the others (`python -m flows.pretrain --node-rank R`) only train. The hosts must share the
+repository folder (checkpoints are written there by every host with fsdp, and read by all on
+resume). With `execution.mode: pool` the stage submits one flow run per node (flows/remote.py).
 """
 
 from __future__ import annotations
@@ -120,10 +128,10 @@ def datasets(model_config: ModelConfig, train_config: TrainConfig, tokenizer) ->
     return train_data, val_data
 
 
-def snapshots_of(config: SnapshotConfig, folder: Path, train_config: TrainConfig, tokenizer,
+def snapshots_of(config: SnapshotConfig | None, folder: Path, train_config: TrainConfig, tokenizer,
                  train_data: TokenDataset) -> Snapshots | None:
     """The run's snapshot taker (None with keep: 0): the probe text and the first training row."""
-    if config.keep == 0:
+    if config is None or config.keep == 0:
         return None
     probes = [Probe("probe text", tokenizer.encode(config.probe_text)),
               Probe("training row", train_data.batch(0)[0][0].tolist())]
@@ -160,7 +168,8 @@ def callbacks(curves: Curves, log_metrics, info, snapshots: Snapshots | None = N
 
 
 @flow(name="pretrain", log_prints=True, validate_parameters=False)
-def pretrain_flow(params: Params) -> dict:
+def pretrain_flow(params: Params, node_rank: int = 0) -> dict:
+    """The stage; node_rank > 0: one of the other hosts of a several-host run, which only trains."""
     params = as_params(params)
     p = params.pretrain
     log = get_run_logger()
@@ -173,18 +182,25 @@ def pretrain_flow(params: Params) -> dict:
                          f"{tokenizer.vocab_size} ids; leave it unset to use the tokenizer's")
     train_config = p.train.build()
     try:
-        # Multi-device: the processes to train with (1: train in this process, as always).
+        # Multi-device: the processes to train with on this host (1: train in this process, as always).
         devices = distributed.resolve_devices(p.devices, train_config.device)
         train_data, val_data = datasets(model_config, train_config, tokenizer)
-        tokens_per_step = global_tokens_per_step(train_config, model_config.context_length, devices)
+        tokens_per_step = global_tokens_per_step(train_config, model_config.context_length, devices * p.nodes)
     except ValueError as err:
         raise StageError(str(err)) from err
+    # Sharded checkpoints are another format: an fsdp run keeps its own folder (ddp keys stay as they were).
     key = run_key(model_config.to_dict(), {k: v for k, v in vars(train_config).items() if k != "progress"},
-                  train_data.meta["tokenizer_fingerprint"], train_data.meta["num_tokens"])
+                  train_data.meta["tokenizer_fingerprint"], train_data.meta["num_tokens"],
+                  *([{"sharding": p.sharding}] if p.sharding != "ddp" else []))
     checkpoints = OUT / "checkpoints" / key
+    nodes = p.launch(node_rank, run_id=f"pretrain-{key}")
+    if node_rank > 0:   # another host: its processes train with node 0's; node 0 finishes the stage
+        train_with_torchrun(devices, model_config, train_config, checkpoints, tokens_per_step, None, nodes, p.sharding)
+        return {}
     if train_config.resume == "never":
         shutil.rmtree(checkpoints / SNAPSHOTS_DIR, ignore_errors=True)   # the run starts over: so do its snapshots
-    snapshots = snapshots_of(p.snapshots.build(), checkpoints / SNAPSHOTS_DIR, train_config, tokenizer, train_data)
+    snapshot_config = p.snapshots.build()
+    snapshots = snapshots_of(snapshot_config, checkpoints / SNAPSHOTS_DIR, train_config, tokenizer, train_data)
     torch.manual_seed(train_config.seed)  # the initial weights too: same params, same model
     model = GPT(model_config)
     shape = p.model.preset + (f" at depth {p.model.depth}" if p.model.depth else "")
@@ -192,18 +208,24 @@ def pretrain_flow(params: Params) -> dict:
              f"{model_config.d_model} wide); run key {key}; "
              f"{train_data.meta['num_tokens']:,} training tokens")
 
+    if p.sharding == "fsdp" and devices * p.nodes == 1:
+        log.info("note: pretrain.sharding fsdp with one process shards nothing: it trains as one process and "
+                 "writes sharded checkpoints, which several processes can resume")
+
     with stage_run("pretrain", params, system_metrics=True) as stage:
         snapshot(snapshots, model, 0, None, stage.log_metrics, log.info)   # the untrained model
-        if devices > 1 or os.environ.get(FORCE_TORCHRUN_ENV) == "1":
+        if devices > 1 or p.nodes > 1 or os.environ.get(FORCE_TORCHRUN_ENV) == "1":
             # Multi-device: torchrun processes train; rank 0 writes curves, metrics, checkpoints.
-            result = train_with_torchrun(devices, model, train_config, checkpoints, tokens_per_step, stage.run.info.run_id,
-                                         p.snapshots.build())
+            result = train_with_torchrun(devices, model_config, train_config, checkpoints, tokens_per_step,
+                                         stage.run.info.run_id, nodes, p.sharding,
+                                         snapshot_config)
+            load_weights(model, result.checkpoint / WEIGHTS_FILE)
         else:
             curves = Curves(OUT / "curves", tokens_per_step)
             on_step, on_eval = callbacks(curves, stage.log_metrics, log.info, snapshots, model)
             try:
                 result = train(model, train_data, val_data, train_config, checkpoints,
-                               on_step=on_step, on_eval=on_eval, sample_fn=sampler(tokenizer))
+                               on_step=on_step, on_eval=on_eval, sample_fn=sampler(tokenizer), sharding=p.sharding)
             except (TrainingDiverged, CheckpointMismatch) as err:
                 raise StageError(str(err)) from err
             finally:
@@ -281,29 +303,40 @@ def rewrite_curves(folder: Path, history: dict, tokens_per_step: int) -> None:
 
 # --- several devices: torchrun processes ------------------------------------------------------------
 
-def train_with_torchrun(devices: int, model: GPT, train_config: TrainConfig, checkpoints: Path,
-                        tokens_per_step: int, mlflow_run_id: str, snapshot_config: SnapshotConfig) -> TrainResult:
-    """Train in `devices` processes under torchrun and wait; load the trained weights into `model`.
+def train_with_torchrun(devices: int, model_config: ModelConfig, train_config: TrainConfig, checkpoints: Path,
+                        tokens_per_step: int, mlflow_run_id: str | None,
+                        nodes: distributed.Nodes = distributed.ONE_HOST, sharding: str = "ddp",
+                        snapshot_config: SnapshotConfig | None = None) -> TrainResult | None:
+    """Train in `devices` processes (on each of `nodes`) under torchrun and wait for the result,
+    whose checkpoint holds the trained weights. A host other than node 0 gets None.
 
-    The processes get the configs in a job file and run `ddp_rank`; rank 0 writes the result
-    (or the error) back to a file. Only this process talks to Prefect; rank 0 logs to MLflow."""
+    The processes get the configs in a job file and run `ddp_rank`; rank 0 (on node 0) writes the
+    result (or the error) back to a file. Only this process talks to Prefect; rank 0 logs to MLflow."""
     log = get_run_logger()
     with tempfile.TemporaryDirectory(prefix="pretrain-ddp-") as tmp:
         job, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
-        job.write_text(json.dumps({"model": model.config.to_dict(), "train": train_config.to_dict(),
+        job.write_text(json.dumps({"model": model_config.to_dict(), "train": train_config.to_dict(),
                                    "checkpoints": str(checkpoints), "tokens_per_step": tokens_per_step,
                                    "mlflow_run_id": mlflow_run_id, "result": str(result_file),
-                                   "snapshots": snapshot_config.to_dict()}))
+                                   "sharding": sharding,
+                                   "snapshots": snapshot_config.to_dict() if snapshot_config else None}))
         target = ["-m", "flows.pretrain", DDP_RANK, str(job)]
-        log.info(f"training in {devices} process(es): {' '.join(distributed.torchrun_command(devices, target))}")
-        status = distributed.run_torchrun(devices, target)
+        command = distributed.torchrun_command(devices, target, nodes=nodes)
+        log.info(f"training in {devices} process(es) on node {nodes.rank} of {nodes.count}: {' '.join(command)}")
+        try:
+            status = distributed.run_torchrun(devices, target, nodes=nodes)
+        except distributed.RendezvousTimeout as err:
+            raise StageError(str(err)) from err
         outcome = json.loads(result_file.read_text()) if result_file.exists() else None
     if outcome is not None and "error" in outcome:
         raise StageError(outcome["error"])
-    if status != 0 or outcome is None:
+    if status != 0:
         raise StageError(f"torchrun exited with status {status}; the processes' output is above")
+    if nodes.rank > 0:
+        return None
+    if outcome is None:
+        raise StageError("torchrun's processes finished without a result; their output is above")
     result = TrainResult.from_dict(outcome)
-    load_weights(model, result.checkpoint / WEIGHTS_FILE)
     log.info(f"trained in {devices} process(es): {result.tokens_per_s:,.0f} tokens/s")
     return result
 
@@ -333,12 +366,17 @@ def ddp_rank(job_file: Path) -> None:
                                                             for k, v in metrics.items()])
 
         curves = Curves(OUT / "curves", job["tokens_per_step"])
-        snapshots = snapshots_of(SnapshotConfig.from_dict(job["snapshots"]), Path(job["checkpoints"]) / SNAPSHOTS_DIR,
-                                 train_config, tokenizer, train_data)
+        # A sharded model is whole on no process: rank 0 alone cannot run it (llm.train skips samples so too).
+        whole = job["sharding"] != "fsdp" or distributed.from_env().world_size == 1
+        if job["snapshots"] and not whole:
+            print("note: with sharding fsdp, evaluations take no snapshots (the model is whole on no process); "
+                  "the snapshot of step 0 is kept")
+        config = SnapshotConfig.from_dict(job["snapshots"]) if job["snapshots"] and whole else None
+        snapshots = snapshots_of(config, Path(job["checkpoints"]) / SNAPSHOTS_DIR, train_config, tokenizer, train_data)
         on_step, on_eval = callbacks(curves, log_metrics, print, snapshots, model)
     try:
         result = train(model, train_data, val_data, train_config, job["checkpoints"],
-                       on_step=on_step, on_eval=on_eval, sample_fn=sampler(tokenizer))
+                       on_step=on_step, on_eval=on_eval, sample_fn=sampler(tokenizer), sharding=job["sharding"])
     except (TrainingDiverged, CheckpointMismatch) as err:
         if rank == 0:
             Path(job["result"]).write_text(json.dumps({"error": str(err)}))
@@ -350,8 +388,12 @@ def ddp_rank(job_file: Path) -> None:
         Path(job["result"]).write_text(json.dumps(result.to_dict()))
 
 
+NODE_RANK_OPTION = {"--node-rank": dict(type=int, default=0, dest="node_rank", help=(
+    "this host's place in a several-host run (pretrain.nodes): 0 on the host that runs `dvc repro` and "
+    "finishes the stage, 1 .. nodes-1 on the others, which only train"))}
+
 if __name__ == "__main__":
     if sys.argv[1:2] == [DDP_RANK]:   # a process started by train_with_torchrun
         ddp_rank(Path(sys.argv[2]))
     else:
-        main(pretrain_flow, "pretrain")
+        main(pretrain_flow, "pretrain", options=NODE_RANK_OPTION)

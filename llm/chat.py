@@ -13,11 +13,26 @@ which is the stop token. An Alpaca record {instruction, input, output} is one us
 
 from __future__ import annotations
 
+import json
 from typing import Iterable
 
 from llm.tokenizer import ASSISTANT, END, SYSTEM, USER, Tokenizer
 
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+
+# The same format as a Jinja chat template, for tools that render prompts as text themselves
+# (transformers' apply_chat_template, llama.cpp's server): its text is what encode_conversation's
+# ids decode to. No whitespace between the tags, so no trim/lstrip setting can change the text.
+CHAT_TEMPLATE = (
+    "{%- set roles = " + json.dumps(ROLE_TOKENS) + " -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in roles -%}"
+    "{{ raise_exception('role must be one of " + ", ".join(ROLE_TOKENS) + "') }}"
+    "{%- endif -%}"
+    "{{ roles[message['role']] + message['content'] + '" + END + "' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '" + ASSISTANT + "' }}{%- endif -%}"
+)
 
 
 def alpaca_messages(instruction: str, input: str = "", output: str | None = None) -> list[dict]:

@@ -7,7 +7,7 @@ A model folder is what the stages write, log to MLflow and serve (save_model_dir
     config.json         the model config (llm.model.ModelConfig)
     tokenizer/          the tokenizer (llm.tokenizer.Tokenizer.save)
 
-A training checkpoint is one folder,  is one folder, `<out_dir>/checkpoints/step_0000040/`, named by the number of
+A training checkpoint is one folder, `<out_dir>/checkpoints/step_0000040/`, named by the number of
 optimizer updates done:
 
     model.safetensors   the weights, as in a model folder (save_checkpoint)
@@ -20,6 +20,7 @@ optimizer updates done:
 Written by several processes (DistributedDataParallel), a checkpoint is the same: weights and
 optimizer state are identical on every rank and rank 0 writes them; train_state.pt adds every
 rank's RNG state (`rng_per_rank`), while `rng` stays rank 0's, so one process can continue it.
+Sharded training (FSDP) keeps the optimizer state in a dcp/ folder instead: see llm.sharded.
 
 A folder is written under a temporary name and renamed into place when complete (rename is
 atomic), so a run killed at any instant leaves only complete checkpoints behind, plus a hidden
@@ -29,6 +30,7 @@ function of the step (TokenDataset.batch), so the step number is the data loader
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -36,7 +38,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -253,10 +255,16 @@ def save_training_checkpoint(checkpoints_dir: str | Path, model: torch.nn.Module
     if rng_per_rank is not None:
         state["rng_per_rank"] = rng_per_rank
     with atomic_dir(path) as tmp:
-        save_checkpoint(model, tmp)  # model.safetensors (tied weights handled) + config.json
-        torch.save(state, tmp / STATE_FILE)
-        (tmp / TRAIN_CONFIG_FILE).write_text(json.dumps(train_config, indent=2) + "\n")
+        write_checkpoint_files(tmp, model, state, train_config)
     return path
+
+
+def write_checkpoint_files(folder: Path, model: torch.nn.Module, state: dict[str, Any],
+                           train_config: dict[str, Any]) -> None:
+    """The files of a checkpoint besides sharded state (llm.sharded adds dcp/)."""
+    save_checkpoint(model, folder)  # model.safetensors (tied weights handled) + config.json
+    torch.save(state, folder / STATE_FILE)
+    (folder / TRAIN_CONFIG_FILE).write_text(json.dumps(train_config, indent=2) + "\n")
 
 
 # --- reading ------------------------------------------------------------------------------------
@@ -313,7 +321,14 @@ _IMPLEMENTATION_OPTIONS = ("fused", "foreach", "capturable")
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    with implementation_kept(optimizer):
+        optimizer.load_state_dict(saved)
+
+
+@contextlib.contextmanager
+def implementation_kept(optimizer) -> Iterator[None]:
+    """Loading saved param groups inside leaves this machine's implementation options as they were."""
     implementation = [{k: g.get(k) for k in _IMPLEMENTATION_OPTIONS if k in g} for g in optimizer.param_groups]
-    optimizer.load_state_dict(saved)
+    yield
     for group, options in zip(optimizer.param_groups, implementation):
         group.update(options)

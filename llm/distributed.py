@@ -1,16 +1,28 @@
-"""Several processes training one model (PyTorch DistributedDataParallel): launch, process group, helpers.
+"""Several processes training one model, on one host or several: launch, process group, helpers.
 
 One process per device, started by `torchrun`, which describes each process to it in the
 environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). `llm.train.train` joins the
-process group that environment describes (NCCL on CUDA, gloo on a CPU), wraps the model in
-DistributedDataParallel and gives every process its share of each global batch; rank 0 alone
-reports progress, calls the callbacks and writes checkpoints. Run without torchrun, everything
-here is a no-op for a single process.
+process group that environment describes (NCCL on CUDA, gloo on a CPU), wraps the model (`wrap`)
+and gives every process its share of each global batch; rank 0 alone reports progress and calls
+the callbacks. Run without torchrun, everything here is a no-op for a single process.
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 my_training_script.py
 
+Two ways to share the model (`sharding`):
+  ddp   DistributedDataParallel: every process holds the whole model, its gradients and the
+        optimizer state; gradients are averaged across processes during backward.
+  fsdp  FSDP2 (llm.sharded): each process holds 1/N of the parameters, gradients and optimizer
+        state, and gathers a block's parameters just before it runs. For models whose training
+        state does not fit one device (`python -m llm.memory` shows when).
+
+Several hosts (`Nodes`): torchrun runs on every host, each with its node rank, and the launchers
+meet at a rendezvous endpoint, HOST:PORT of node 0 (whose launcher serves a key-value store there):
+
+    torchrun --nnodes=2 --node-rank=R --nproc_per_node=8 --rdzv-backend=static \\
+             --rdzv-endpoint=NODE0:PORT --rdzv-id=RUN script.py      # R = 0 on node 0, 1 on the other
+
 `torchrun_command` builds that command line and `run_torchrun` runs it; `resolve_devices` turns
-the `devices` setting ('auto' or a count) into a number of processes.
+the `devices` setting ('auto' or a count) into a number of processes per host.
 """
 
 from __future__ import annotations
@@ -18,9 +30,11 @@ from __future__ import annotations
 import atexit
 import contextlib
 import inspect
+import math
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -107,7 +121,23 @@ def _close_group() -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.parallel.DistributedDataParallel:
+SHARDINGS = ("ddp", "fsdp")
+
+
+def wrap(model: torch.nn.Module, device: torch.device, sharding: str = "ddp",
+         dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The model as several processes train it: a DDP wrapper ('ddp'), or the model itself with
+    its parameters sharded in place ('fsdp', llm.sharded.shard; the optimizer must be made after).
+    Either way rank 0's weights are every rank's from here on."""
+    if sharding == "fsdp":
+        from llm import sharded
+        return sharded.shard(model, device, dtype)
+    if sharding != "ddp":
+        raise ValueError(f"unknown sharding {sharding!r}; shardings: {', '.join(SHARDINGS)}")
+    return _ddp(model, device)
+
+
+def _ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.parallel.DistributedDataParallel:
     """DistributedDataParallel: the same weights on every rank (rank 0's are broadcast now), and
     gradients averaged across ranks during backward, bucket by bucket as they become ready."""
     # The model's buffers (rotary tables) are constants computed from the config: sending rank
@@ -120,6 +150,21 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.parallel.Dist
 
 
 _DDP_OPTIONS = frozenset(inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters)
+
+
+@contextlib.contextmanager
+def no_sync(wrapper: torch.nn.Module) -> Iterator[None]:
+    """Backward passes inside only accumulate gradients locally; the next one outside sends the
+    sum (gradient accumulation: one exchange per update, not one per micro-batch)."""
+    if hasattr(wrapper, "set_requires_gradient_sync"):   # FSDP2: the model itself
+        wrapper.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            wrapper.set_requires_gradient_sync(True)
+    else:
+        with wrapper.no_sync():
+            yield
 
 
 # --- collectives that are no-ops for one process ------------------------------------------------
@@ -173,22 +218,93 @@ def resolve_devices(devices: int | str, device: str = "auto") -> int:
     return devices
 
 
-def torchrun_command(nproc: int, target: Sequence[str], *, python: str | None = None) -> list[str]:
-    """`torchrun --standalone --nproc_per_node=N TARGET...` with this interpreter.
+@dataclass(frozen=True)
+class Nodes:
+    """The hosts one run trains on, this host's place among them, and where their launchers meet.
 
-    target: a script and its arguments, or ["-m", "package.module", args...]. `--standalone`
-    starts a rendezvous on a free local port: one host, nothing to configure.
+    One host needs nothing (torchrun --standalone). Several run the same torchrun line but for
+    their node rank, each with `nproc` processes, and meet at `endpoint` (HOST:PORT of node 0,
+    which every host reaches; node 0's launcher serves it). Processes are numbered host by host,
+    so node 0 holds global rank 0, which reports and writes: node 0 is where the run is watched.
+    (The static rendezvous does this; c10d's elastic one numbers the hosts by their names and
+    ignores --node-rank.) A host that has not joined within join_timeout_s stops the others'
+    launchers with RendezvousTimeout instead of leaving them waiting.
     """
-    return [python or sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={nproc}", *target]
+
+    count: int = 1
+    rank: int = 0                   # this host: 0 .. count - 1
+    endpoint: str = ""              # HOST:PORT of node 0; required with count > 1
+    run_id: str = "llm"             # the launchers of one run share it (and no other run does)
+    join_timeout_s: float = 600.0
+
+    def __post_init__(self):
+        if self.count < 1:
+            raise ValueError(f"Nodes.count must be >= 1, got {self.count}")
+        if not 0 <= self.rank < self.count:
+            raise ValueError(f"Nodes.rank must be in [0, count={self.count}), got {self.rank}")
+        if self.count > 1 and not self.endpoint:
+            raise ValueError(f"Nodes.count={self.count} needs an endpoint HOST:PORT where the hosts' launchers meet")
+        if self.endpoint and not is_host_port(self.endpoint):
+            raise ValueError(f"Nodes.endpoint must be HOST:PORT, got {self.endpoint!r}")
+        if self.join_timeout_s <= 0:
+            raise ValueError(f"Nodes.join_timeout_s must be > 0, got {self.join_timeout_s}")
 
 
-def run_torchrun(nproc: int, target: Sequence[str], *, env: dict[str, str] | None = None,
-                 cwd: str | None = None, timeout: float | None = None) -> int:
+ONE_HOST = Nodes()
+
+
+def is_host_port(endpoint: str) -> bool:
+    host, _, port = endpoint.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
+
+
+class RendezvousTimeout(RuntimeError):
+    """Not every host's launcher joined the rendezvous in time."""
+
+
+def torchrun_command(nproc: int, target: Sequence[str], *, nodes: Nodes = ONE_HOST,
+                     python: str | None = None) -> list[str]:
+    """The torchrun command line of `nproc` processes on this host, with this interpreter.
+
+    target: a script and its arguments, or ["-m", "package.module", args...]. One host:
+    `--standalone` starts a rendezvous on a free local port, nothing to configure. Several:
+    `--nnodes`, this host's `--node-rank` and the rendezvous at node 0 with a join timeout.
+    """
+    if nodes.count == 1 and not nodes.endpoint:
+        launch = ["--standalone"]
+    else:
+        launch = [f"--nnodes={nodes.count}", f"--node-rank={nodes.rank}", "--rdzv-backend=static",
+                  f"--rdzv-endpoint={nodes.endpoint}", f"--rdzv-id={nodes.run_id}",
+                  f"--rdzv-conf=timeout={math.ceil(nodes.join_timeout_s)}"]
+    return [python or sys.executable, "-m", "torch.distributed.run", *launch, f"--nproc_per_node={nproc}", *target]
+
+
+def run_torchrun(nproc: int, target: Sequence[str], *, nodes: Nodes = ONE_HOST, env: dict[str, str] | None = None,
+                 cwd: str | None = None) -> int:
     """Run `target` in nproc processes under torchrun and return torchrun's exit status.
 
-    Output is not captured: every rank prints to this process's stdout/stderr, so progress
-    shows where the caller's output goes. If any rank fails, torchrun stops the others and
-    exits non-zero.
+    Output is not captured: every rank prints to this process's stdout, and its stderr passes
+    through line by line, so progress shows where the caller's output goes. If any rank fails,
+    torchrun stops the others and exits non-zero. Raises RendezvousTimeout, saying which hosts
+    to start, when the hosts did not all join within nodes.join_timeout_s.
     """
-    return subprocess.run(torchrun_command(nproc, target), env=env, cwd=cwd, timeout=timeout).returncode
+    began = time.monotonic()
+    process = subprocess.Popen(torchrun_command(nproc, target, nodes=nodes), env=env, cwd=cwd,
+                               stderr=subprocess.PIPE, text=True, errors="replace")
+    timed_out = False
+    for line in process.stderr:
+        sys.stderr.write(line)
+        timed_out = timed_out or any(sign in line for sign in _RENDEZVOUS_TIMEOUTS)
+    status = process.wait()
+    if timed_out:
+        raise RendezvousTimeout(
+            f"not all {nodes.count} hosts joined the rendezvous at {nodes.endpoint} (run id {nodes.run_id!r}) "
+            f"within {nodes.join_timeout_s:g} s (this is node {nodes.rank}; gave up after "
+            f"{time.monotonic() - began:.0f} s): start the same run on every host with its own node rank, "
+            "node 0 listening at that endpoint, or raise the join timeout")
+    return status
+
+
+# What torchrun prints when hosts did not meet: node 0's store waited for the others in vain, or
+# another node found nobody listening at node 0's endpoint.
+_RENDEZVOUS_TIMEOUTS = ("DistStoreError: Timed out after", "DistNetworkError: The client socket has timed out")

@@ -9,6 +9,10 @@ Which family a config belongs to is read off its switches:
     gpt2:   learned positions, LayerNorm, GELU, pre-norm, biases everywhere, multi-head attention
     llama:  RoPE, RMSNorm, SwiGLU, pre-norm, (optionally) grouped-query attention
 
+An exported folder also carries the tokenizer (tokenizer.json, built from our SentencePiece
+model with the `tokenizers` library, special tokens and the chat template of llm/chat.py) and a
+model card (README.md), so `AutoTokenizer` and `pipeline("text-generation")` work on it offline.
+
 Weight layout differences handled here:
   - GPT-2 stores its linear layers as Conv1D with the weight transposed, (in, out): transpose.
   - GPT-2's fused c_attn is [q; k; v] like our qkv; LLaMA has separate q/k/v_proj: concatenate.
@@ -21,6 +25,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tokenizers import AddedToken, decoders, models, normalizers
+from tokenizers import Tokenizer as FastTokenizer
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -28,9 +34,12 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
+    PreTrainedTokenizerFast,
 )
 
-from llm.model import GPT, ModelConfig
+from llm.chat import CHAT_TEMPLATE, stop_token_ids
+from llm.model import GPT, ModelConfig, num_params
+from llm.tokenizer import ENDOFTEXT, PAD, SPECIAL_TOKENS, SentencePieceTokenizer, Tokenizer
 
 # --- which family -------------------------------------------------------------------------------
 
@@ -47,7 +56,7 @@ def hf_family(config: ModelConfig) -> str:
         if not off:
             return family
         mismatches[family] = off
-    raise ValueError("config matches neither transformers family: "
+    raise ValueError("config matches neither family transformers and GGUF hold: "
                      + "; ".join(f"{family}: {', '.join(off)}" for family, off in mismatches.items()))
 
 
@@ -133,6 +142,76 @@ def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     return {name: tensor.contiguous() for name, tensor in out.items()}
 
 
+# --- the tokenizer --------------------------------------------------------------------------------
+
+# SentencePiece's piece types (SentencePieceTokenizer.pieces); GGUF numbers them the same way.
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
+SPACE = "\u2581"  # how SentencePiece writes a space inside its pieces
+
+
+def sentencepiece_of(tokenizer: Tokenizer, model_types: tuple[str, ...], target: str) -> SentencePieceTokenizer:
+    """The tokenizer, if `target` can express it; else a ValueError naming tokenizer.kind."""
+    kind = getattr(tokenizer, "model_type", tokenizer.kind)
+    if not isinstance(tokenizer, SentencePieceTokenizer) or kind not in model_types:
+        raise ValueError(f"tokenizer.kind={kind!r}: {target} export needs a SentencePiece tokenizer of kind "
+                         f"{' or '.join(repr(k) for k in model_types)} (set tokenizer.kind in params.yaml and retrain)")
+    return tokenizer
+
+
+def check_exportable(config: ModelConfig, tokenizer: Tokenizer, target: str = "Hugging Face") -> str:
+    """The family ('gpt2' or 'llama') if `target` (Hugging Face, GGUF: both hold the same two
+    families and SentencePiece BPE) can express this model and tokenizer; else a ValueError
+    naming the field to change."""
+    family = hf_family(config)
+    sentencepiece_of(tokenizer, ("bpe",), target)
+    return family
+
+
+def fast_tokenizer(tokenizer: Tokenizer) -> FastTokenizer:
+    """Our SentencePiece BPE model as a `tokenizers` Tokenizer that encodes text to the same ids.
+
+    What llm.tokenizer.train_sentencepiece chose, rebuilt: spaces become '\u2581' with no prefix
+    space added, '\n' is one user-defined piece, unknown characters are spelled as <0xNN> byte
+    pieces, the special tokens are control pieces. The merges are read off the vocabulary: a piece
+    is the merge of any two pieces it splits into, ranked by its score, as SentencePiece merges the
+    best-scored piece first. (A unigram model is refused: transformers' Unigram breaks ties between
+    equally likely segmentations differently, measured on runs of spaces.)
+
+    Two differences remain, both about text that looks like markup: a special token's string
+    typed in the text becomes that token here (ours keeps it text; pass split_special_tokens=True
+    to transformers' tokenizer for ours), and a literal '\u2581' becomes a space.
+    """
+    pieces = sentencepiece_of(tokenizer, ("bpe",), "Hugging Face").pieces()
+    vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
+    unknown = next(piece for piece, _, kind in pieces if kind == UNKNOWN)
+    fast = FastTokenizer(models.BPE(vocab, _bpe_merges(pieces), unk_token=unknown, fuse_unk=True, byte_fallback=True))
+    fast.normalizer = normalizers.Replace(" ", SPACE)
+    fast.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
+    fast.add_tokens([AddedToken(piece, normalized=False) for piece, _, kind in pieces if kind == USER_DEFINED])
+    fast.add_special_tokens([AddedToken(piece, special=True, normalized=False)
+                             for piece, _, kind in pieces if kind in (CONTROL, UNKNOWN)])
+    return fast
+
+
+def _bpe_merges(pieces: list[tuple[str, float, int]]) -> list[tuple[str, str]]:
+    ids = {piece: i for i, (piece, _, kind) in enumerate(pieces) if kind == NORMAL}
+    merges = [(-score, ids[piece[:cut]], ids[piece[cut:]], piece[:cut], piece[cut:])
+              for piece, score, kind in pieces if kind == NORMAL
+              for cut in range(1, len(piece)) if piece[:cut] in ids and piece[cut:] in ids]
+    return [(left, right) for *_, left, right in sorted(merges)]
+
+
+def to_hf_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
+    """The tokenizer as transformers' fast tokenizer, with our special tokens and chat template.
+    Nothing is added around a text (no BOS): a prompt encodes to the ids ours gives."""
+    fast = fast_tokenizer(tokenizer)
+    hf_tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=fast, unk_token=fast.id_to_token(0), bos_token=ENDOFTEXT, eos_token=ENDOFTEXT,
+        pad_token=PAD, additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in (ENDOFTEXT, PAD)])
+    hf_tokenizer.chat_template = CHAT_TEMPLATE
+    return hf_tokenizer
+
+
 def to_hf_model(model: GPT, **token_ids) -> PreTrainedModel:
     """A transformers model holding a copy of our weights (fp32, eval mode)."""
     hf_config = to_hf_config(model.config, **token_ids)
@@ -142,12 +221,83 @@ def to_hf_model(model: GPT, **token_ids) -> PreTrainedModel:
     return hf_model.eval()
 
 
-def export_hf(model: GPT, directory: str | Path, **token_ids) -> Path:
+def export_hf(model: GPT, directory: str | Path, tokenizer: Tokenizer | None = None, *, card: str | None = None,
+              **token_ids) -> Path:
     """Write a folder that `AutoModelForCausalLM.from_pretrained(directory)` loads (config.json,
-    generation_config.json, model.safetensors). token_ids: bos_token_id, eos_token_id, pad_token_id."""
+    generation_config.json, model.safetensors). With the tokenizer, `AutoTokenizer` loads it too
+    (tokenizer.json, tokenizer_config.json, chat_template.jinja) and generation stops where ours
+    does (end of turn, end of document). card: the README.md to write (model_card).
+    token_ids: bos_token_id, eos_token_id, pad_token_id, overriding the tokenizer's."""
     directory = Path(directory)
+    hf_tokenizer = None
+    if tokenizer is not None:
+        hf_tokenizer = to_hf_tokenizer(tokenizer)  # refuses a tokenizer it cannot express, before writing anything
+        token_ids = {"bos_token_id": tokenizer.special_tokens[ENDOFTEXT], "eos_token_id": stop_token_ids(tokenizer),
+                     "pad_token_id": tokenizer.special_tokens[PAD], **token_ids}
     to_hf_model(model, **token_ids).save_pretrained(directory)
+    if hf_tokenizer is not None:
+        hf_tokenizer.save_pretrained(directory)
+    if card is not None:
+        (directory / "README.md").write_text(card)
     return directory
+
+
+def logit_difference(directory: str | Path, model: GPT, ids: list[int]) -> float:
+    """The largest |logit| difference between an exported folder, run by transformers, and our
+    model on the tokens `ids`: how faithful the export is (fp32: about 1e-6)."""
+    hf_model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+    idx = torch.tensor([ids], device=next(model.parameters()).device)
+    with torch.no_grad():
+        return (hf_model.to(idx.device)(idx).logits - model(idx).logits).abs().max().item()
+
+
+def model_card(model: GPT, tokenizer: Tokenizer, *, name: str, data: list[str] = (), params: dict | None = None,
+               metrics: dict | None = None) -> str:
+    """README.md of an exported folder: what the model is, how to run it, what made it.
+    data: one line per training source; params, metrics: flat name -> value, of the run that made it."""
+    family = hf_family(model.config)
+    rows = lambda values: "\n".join(f"| `{k}` | {v} |" for k, v in values.items())
+    sections = [
+        f"---\nlibrary_name: transformers\npipeline_tag: text-generation\ntags: [llm-from-scratch, {family}]\n---\n",
+        f"# {name}\n\nA {num_params(model) / 1e6:.1f} M-parameter {family}-family language model trained from "
+        "scratch by the llm-from-scratch pipeline. Small: it writes English-looking text, not reliable facts.\n",
+        "## Use\n\n```python\nfrom transformers import pipeline\n"
+        "generate = pipeline(\"text-generation\", model=\"path/to/this/folder\")\n"
+        "messages = [{\"role\": \"user\", \"content\": \"Name a colour.\"}]\n"
+        "print(generate(messages, max_new_tokens=64, do_sample=False)[0][\"generated_text\"][-1][\"content\"])\n```\n\n"
+        f"Chat format (chat_template.jinja): `{CHAT_TEMPLATE_EXAMPLE}`; generation stops at `<|end|>` or "
+        "`<|endoftext|>`. The tokenizer adds no BOS token.\n",
+        "## Architecture\n\n| field | value |\n|---|---|\n" + rows(model.config.to_dict()) + "\n",
+        f"## Tokenizer\n\nSentencePiece BPE with byte fallback, {tokenizer.vocab_size} ids; special tokens "
+        + ", ".join(f"`{t}`" for t in tokenizer.special_tokens) + ".\n",
+    ]
+    if data:
+        sections.append("## Data\n\n" + "\n".join(f"- {line}" for line in data) + "\n")
+    if params:
+        sections.append("## Training parameters\n\n| parameter | value |\n|---|---|\n" + rows(params) + "\n")
+    if metrics:
+        sections.append("## Metrics\n\n| metric | value |\n|---|---|\n" + rows(metrics) + "\n")
+    return "\n".join(sections)
+
+
+CHAT_TEMPLATE_EXAMPLE = "<|system|>You are helpful.<|end|><|user|>Name a colour.<|end|><|assistant|>Blue.<|end|>"
+
+
+def push_to_hub(folder: str | Path, repo_id: str, files: list[Path] = ()) -> str:
+    """Upload an exported folder (and extra files, e.g. GGUF) to a model repository on the hub;
+    needs the network and a token (`hf auth login`). Returns the repository's URL."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.constants import HF_HUB_OFFLINE
+
+    if HF_HUB_OFFLINE:
+        raise ValueError("--push needs the network: set HF_HUB_OFFLINE=0 (the project defaults it to 1) and log in "
+                         "with `hf auth login`")
+    api = HfApi()
+    url = api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder))
+    for path in files:
+        api.upload_file(repo_id=repo_id, path_or_fileobj=str(path), path_in_repo=Path(path).name)
+    return str(url)
 
 
 # --- transformers -> ours -----------------------------------------------------------------------

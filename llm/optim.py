@@ -78,7 +78,8 @@ def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return norm
+    # Sharded gradients (FSDP's DTensors) give a sharded norm: the whole one is every rank's combined.
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def make_optimizer(model: nn.Module, kind: str, lr: float, weight_decay: float, betas: tuple[float, float],

@@ -100,7 +100,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer | optim.Combin
 
     model: the module whose gradients are clipped (not a DDP or compiled wrapper of it). dtype:
     the autocast precision of the forward passes. ddp: the DistributedDataParallel wrapper that
-    loss_of runs through, with several processes (where). step, config_name and checkpoint name
+    loss_of runs through, or the FSDP-sharded model, with several processes (where). step, config_name and checkpoint name
     the update, the settings to change and the last good checkpoint if training diverges.
     """
     optim.set_lr(optimizer, lr)
@@ -110,7 +110,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer | optim.Combin
         # DDP averages gradients across processes during backward; on all micro-steps but the
         # last they only accumulate locally (no_sync), and the last one sends the sum.
         last = micro == accumulation - 1
-        with (ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()):
+        with (distributed.no_sync(ddp) if ddp is not None and not last else contextlib.nullcontext()):
             with autocast(device, dtype):
                 # Each micro-batch loss is a mean; dividing by their number makes the summed gradients
                 # the gradient of the mean over the whole update (DDP then averages over processes).

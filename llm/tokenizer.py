@@ -246,6 +246,15 @@ class SentencePieceTokenizer(_TableDecoder, Tokenizer):
                 batch[i] = self._encode_ordinary(text)
         return batch
 
+    def pieces(self) -> list[tuple[str, float, int]]:
+        """(piece, score, type) of every id, as the model file stores them: what a converter to
+        another format (a Hugging Face tokenizer.json, a GGUF vocabulary) needs. Types are
+        SentencePiece's, which GGUF shares: 1 normal, 2 unknown, 3 control, 4 user-defined, 6 byte."""
+        from sentencepiece import sentencepiece_model_pb2  # protobuf: only converters need it
+
+        proto = sentencepiece_model_pb2.ModelProto.FromString(self.model_proto)
+        return [(p.piece, p.score, p.type) for p in proto.pieces]
+
     def _files(self) -> dict[str, bytes]:
         return {self.MODEL_FILE: self.model_proto}
 

@@ -20,7 +20,8 @@ is the single-process one (up to float rounding) and a checkpoint resumes on any
 processes that can make the same global batch. `batch_size` is the rows of one forward pass in
 each process (what fits one GPU); `tokens_per_step` is the whole update across all processes
 (0 = one micro-batch per process). Rank 0 alone shows progress, calls the callbacks and writes
-checkpoints; the others compute.
+checkpoints; the others compute. With `sharding='fsdp'` each process holds only its share of the
+model and optimizer state (llm.sharded), and every process writes its share of each checkpoint.
 
 This module knows nothing of pipelines or trackers: callers observe training through the
 `on_step` / `on_eval` callbacks and the returned TrainResult.
@@ -41,7 +42,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from llm import distributed, optim
+from llm import distributed, optim, sharded
 from llm.checkpoint import (
     TRAIN_CONFIG_FILE,
     CheckpointMismatch,
@@ -61,7 +62,7 @@ from llm.checkpoint import (
 from llm.data import TokenDataset
 from llm.device import DEVICES, DTYPES, autocast, model_flops_utilisation, peak_flops, resolve_device, resolve_dtype
 from llm.diagnose import Diagnosis, diagnose
-from llm.distributed import SINGLE, Dist
+from llm.distributed import SHARDINGS, SINGLE, Dist
 from llm.model import flops_per_token
 from llm.optim import OPTIMIZERS
 from llm.plain import PlainDict, field_checker
@@ -251,9 +252,14 @@ def evaluate(forward: Callable, model: nn.Module, data: Batches, steps: int, dev
     model.eval()
     try:
         losses = []
-        for i in range(where.rank, steps, where.world_size):
+        # Sharded, each forward pass is collective (every block's weights are gathered from all
+        # ranks): every rank runs as many as the busiest one, dropping batches past the end.
+        end = math.ceil(steps / where.world_size) * where.world_size if sharded.is_sharded(model) else steps
+        for i in range(where.rank, end, where.world_size):
             with autocast(device, dtype):
-                losses.append(_forward_loss(forward, data.batch(i), device, doc_masking).detach())
+                loss = _forward_loss(forward, data.batch(i), device, doc_masking).detach()
+            if i < steps:
+                losses.append(loss)
         # One transfer to the host at the end, not one wait per batch.
         total = sum(torch.stack(losses).tolist()) if losses else 0.0
         if where.enabled:
@@ -347,7 +353,8 @@ class _Run:
     checkpoints: Path
     history: dict[str, list]
     where: Dist = SINGLE           # this process among those training the model
-    ddp: nn.Module | None = None   # the DistributedDataParallel wrapper, with several processes
+    ddp: nn.Module | None = None   # the DDP wrapper or the FSDP-sharded model, with several processes
+    sharding: str = "ddp"          # 'ddp' or 'fsdp' (llm.distributed.wrap); fsdp writes sharded checkpoints
     start_step: int = 0              # the first update this invocation runs
     last_checkpoint: Path | None = None
 
@@ -355,7 +362,7 @@ class _Run:
 def train(model: nn.Module, train_data: Batches, val_data: Batches | None, config: TrainConfig,
           out_dir: str | Path, *, on_step: Callable[[int, dict], None] | None = None,
           on_eval: Callable[[int, dict], None] | None = None,
-          sample_fn: SampleFn | None = None) -> TrainResult:
+          sample_fn: SampleFn | None = None, sharding: str = "ddp") -> TrainResult:
     """Train `model` in place for config.max_steps updates; checkpoints go to out_dir/checkpoints.
 
     train_data / val_data: TokenDatasets (or anything with batch(i), batch_size, seq_len) built
@@ -369,19 +376,24 @@ def train(model: nn.Module, train_data: Batches, val_data: Batches | None, confi
     every process calls train() with the same arguments: they train one model together with
     DistributedDataParallel, and only rank 0 calls the callbacks, takes samples and writes
     checkpoints. Every rank returns the same TrainResult (rank 0's alone has the samples).
+    sharding='fsdp' shards the model and optimizer state across them instead (llm.sharded):
+    then every rank writes its share of each checkpoint, and no samples are taken during training.
     """
+    if sharding not in SHARDINGS:
+        raise ValueError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
     if config.threads:
         torch.set_num_threads(config.threads)   # process-wide: float sums depend on the split
     _check_data(train_data, val_data, config, model)
     device = resolve_device(config.device)
     with distributed.process_group(device) as where:
-        return _train(model, train_data, val_data, config, Path(out_dir), where, on_step, on_eval, sample_fn)
+        return _train(model, train_data, val_data, config, Path(out_dir), where, on_step, on_eval, sample_fn,
+                      sharding)
 
 
 def _train(model: nn.Module, train_data: Batches, val_data: Batches | None, config: TrainConfig, out_dir: Path,
            where: Dist, on_step: Callable | None, on_eval: Callable | None,
-           sample_fn: SampleFn | None) -> TrainResult:
-    run = _prepare(model, train_data, config, out_dir, where)
+           sample_fn: SampleFn | None, sharding: str) -> TrainResult:
+    run = _prepare(model, train_data, config, out_dir, where, sharding)
     start = run.start_step
     resumed_from = start if run.last_checkpoint else None
     peak = peak_flops(run.device)
@@ -390,6 +402,8 @@ def _train(model: nn.Module, train_data: Batches, val_data: Batches | None, conf
     tokens_per_step = run.accumulation * where.world_size * config.batch_size * train_data.seq_len
     if not where.is_main:   # the other ranks compute; rank 0 reports
         on_step = on_eval = sample_fn = None
+    if sharded.is_sharded(model):   # generation alone on rank 0 would wait forever for the others' shards
+        sample_fn = None
 
     began = time.perf_counter()
     with tqdm(total=config.max_steps, initial=start, disable=not (config.progress and where.is_main), unit="step",
@@ -434,7 +448,8 @@ def _check_data(train_data: Batches, val_data: Batches | None, config: TrainConf
                              "build it with with_doc_ids=True")
 
 
-def _prepare(model: nn.Module, train_data: Batches, config: TrainConfig, out_dir: Path, where: Dist) -> _Run:
+def _prepare(model: nn.Module, train_data: Batches, config: TrainConfig, out_dir: Path, where: Dist,
+             sharding: str) -> _Run:
     """Device, optimizer, and either a fresh start or the state of the newest checkpoint."""
     device = distributed.device_for(resolve_device(config.device), where)
     dtype = resolve_dtype(config.dtype, device)
@@ -443,16 +458,22 @@ def _prepare(model: nn.Module, train_data: Batches, config: TrainConfig, out_dir
         torch.backends.cudnn.allow_tf32 = True
     model.to(device)
     model.train()
+    ddp = None
+    if where.enabled:
+        # Before the optimizer: FSDP replaces the parameters by their shards. DDP copies rank 0's
+        # weights to every rank now; a checkpoint loaded below then gives every rank the same.
+        ddp = distributed.wrap(model, device, sharding, dtype)
+    elif sharding == "fsdp" and where.is_main:
+        print("note: sharding='fsdp' with one process shards nothing: training as one process, with "
+              "checkpoints written sharded (dcp/) so that any number of processes can resume them")
     optimizer = optim.make_optimizer(model, config.optimizer, lr_of(0, config), config.weight_decay, config.betas,
                                      device)
     checkpoints = out_dir / CHECKPOINTS_DIR
-    run = _Run(model=model, forward=model, optimizer=optimizer, config=config, device=device, dtype=dtype,
+    run = _Run(model=model, forward=ddp or model, optimizer=optimizer, config=config, device=device, dtype=dtype,
                accumulation=accumulation_steps(config, train_data.seq_len, where.world_size),
-               seq_len=train_data.seq_len, checkpoints=checkpoints, history=new_history(), where=where)
+               seq_len=train_data.seq_len, checkpoints=checkpoints, history=new_history(), where=where, ddp=ddp,
+               sharding=sharding)
     _resume_or_start(run)
-    if where.enabled:
-        # After loading: DDP starts by copying rank 0's weights to every rank.
-        run.forward = run.ddp = distributed.wrap(model, device)
     if config.compile:
         # The DDP wrapper is compiled, not wrapped around a compiled model: torch.compile then
         # splits the graph at DDP's gradient buckets, so their all-reduce overlaps the backward.
@@ -479,7 +500,7 @@ def _resume_or_start(run: _Run) -> None:
     _check_global_batch(latest, saved, current, seq_len)
     check_same(latest, "training config", saved, current, TRAJECTORY_FIELDS,
                hint="Use the same settings, another out_dir, or resume='never' to start over.")
-    state = load_training_checkpoint(latest, run.model, run.optimizer)
+    state = _load_checkpoint(latest, run)
     run.history = {**new_history(), **state.history}   # keys added since the checkpoint start empty
     run.start_step, run.last_checkpoint = state.step, latest
     if len(state.history["train_loss"]) != state.step:
@@ -496,6 +517,15 @@ def _resume_or_start(run: _Run) -> None:
         restore_rng_state(state.rng)
     else:
         seed_everything(int(np.random.SeedSequence([run.config.seed, where.rank, state.step]).generate_state(1)[0]))
+
+
+def _load_checkpoint(path: Path, run: _Run):
+    """A sharded checkpoint loads into any model; an unsharded one into any but a sharded model."""
+    if sharded.is_sharded_checkpoint(path):
+        return sharded.load_training_checkpoint(path, run.model, run.optimizer)
+    if sharded.is_sharded(run.model):
+        sharded.refuse_unsharded(path)
+    return load_training_checkpoint(path, run.model, run.optimizer)
 
 
 def _checked_config(config: TrainConfig, seq_len: int, world_size: int) -> dict[str, Any]:
@@ -568,6 +598,13 @@ def _save(run: _Run, step: int) -> None:
     """Rank 0 writes the checkpoint (weights and optimizer state are the same on every rank);
     every rank's RNG state goes in it, so an unchanged number of processes resumes exactly."""
     where = run.where
+    if run.sharding == "fsdp":   # every rank writes its share
+        run.last_checkpoint = sharded.save_training_checkpoint(
+            run.checkpoints, run.model, run.optimizer, step, run.history,
+            _checked_config(run.config, run.seq_len, where.world_size), where)
+        if where.is_main:
+            prune_checkpoints(run.checkpoints, run.config.keep_checkpoints)
+        return
     rng_per_rank = distributed.gather_objects(capture_rng_state(), where) if where.enabled else None
     if not where.is_main:
         run.last_checkpoint = run.checkpoints / checkpoint_name(step)

@@ -27,6 +27,16 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """train.bin / val.bin of learnable token documents (train_driver.make_token_files), per module."""
+    from train_driver import make_token_files
+
+    directory = tmp_path_factory.mktemp("tokens")
+    make_token_files(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models run fastest on one thread, and on a busy 2-core machine torch's two-thread
     kernels stall for seconds: modules that use this pin one thread, and restore it after."""

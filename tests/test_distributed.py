@@ -20,7 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))   # when torchrun runs this file as a script
 
-from train_driver import CONTEXT, make_token_files, tiny_model_config  # noqa: E402
+from train_driver import CONTEXT, tiny_model_config  # noqa: E402
 
 from llm import distributed  # noqa: E402
 from llm.checkpoint import STATE_FILE, CheckpointMismatch, checkpoint_name  # noqa: E402
@@ -118,13 +118,6 @@ def test_devices_in_params_is_auto_or_a_positive_count():
 
 
 # --- two processes against one ------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("tokens")
-    make_token_files(directory)
-    return directory
-
 
 @pytest.fixture(scope="module")
 def two_process_runs(data_dir, tmp_path_factory) -> Path:

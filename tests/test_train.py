@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_driver import CONTEXT, make_token_files, tiny_model_config
+from train_driver import CONTEXT, tiny_model_config
 
 from llm.checkpoint import (
     STATE_FILE,
@@ -30,13 +30,6 @@ from llm.train import TrainConfig, accumulation_steps, load_datasets, train
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = Path(__file__).with_name("train_driver.py")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("tokens")
-    make_token_files(directory)
-    return directory
 
 
 @pytest.fixture(autouse=True)
