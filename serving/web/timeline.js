@@ -12,9 +12,9 @@ const timeline = { steps: [], records: new Map(), pinned: [], curves: null };
 const SIDES = ["a", "b"];
 
 async function loadTimeline() {
-  const response = await fetch("/v1/snapshots");
-  const body = await response.json();
   $("timeline").hidden = false;
+  const response = await fetch("/v1/snapshots");
+  const body = await response.json().catch(() => ({}));
   if (!response.ok) {  // a model without snapshots: say why, and which model would have them
     $("tl-note").textContent = errorMessage(body) || `/v1/snapshots: HTTP ${response.status}`;
     $("tl-view").hidden = true;
