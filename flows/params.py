@@ -27,6 +27,7 @@ from llm.classify import ClassifyConfig
 from llm.files import read_yaml
 from llm.finetune import FinetuneConfig
 from llm.model import PRESETS, ModelConfig
+from llm.snapshots import SnapshotConfig
 from llm.train import TrainConfig
 
 
@@ -184,12 +185,14 @@ class ModelParams(mirror(ModelConfig, optional=True)):
 
 
 TrainParams = mirror(TrainConfig)
+SnapshotParams = mirror(SnapshotConfig)
 
 
 class PretrainParams(Strict):
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     register_model: bool = True  # register the final model in the MLflow model registry as <project.name>-base
+    snapshots: SnapshotParams = SnapshotParams()  # weights and probe records along the run (llm.snapshots)
     # Processes to train with, one per GPU, under torchrun with DistributedDataParallel: 'auto' = every
     # CUDA GPU of the host; on a CPU a count > 1 runs that many gloo processes (to test the path).
     devices: Union[int, str] = 1

@@ -5,6 +5,12 @@ stage and the server load), data/pretrain/curves/{train,val}.csv (DVC plots), sa
 the trained model writes), metrics.json (with the unigram baseline its val loss must beat).
 Registered in MLflow as <project.name>-base.
 
+Snapshots (llm.snapshots, `pretrain.snapshots`): at step 0 and at evenly spaced evaluations the
+weights (float16) and what the model does with a probe text and one training row (token
+probabilities, top-k, attention of every head). Taken into the run's checkpoint folder (so a
+resumed run keeps them), copied into the model folder's snapshots/ at the end: DVC tracks them
+with the model, MLflow logs them with it, and the server's training timeline reads them there.
+
 Checkpoints live in data/pretrain/checkpoints/<run key>/, which DVC keeps between runs
 (`persist: true`): a run killed at any point continues from its last checkpoint when the stage
 runs again with the same settings, while changed settings get a fresh folder (and a fresh run).
@@ -49,9 +55,10 @@ from llm.data import TokenDataset, unigram_loss
 from llm.files import atomic_dir
 from llm.generate import generate
 from llm.model import GPT, ModelConfig, num_params
+from llm.snapshots import SNAPSHOTS_DIR, Probe, SnapshotConfig, Snapshots, chosen_steps, list_steps, probe_bits
 from llm.step import TrainingDiverged
 from llm.tokenizer import load_tokenizer
-from llm.train import TrainConfig, TrainResult, bits_per_byte, global_tokens_per_step, perplexity, train
+from llm.train import TrainConfig, TrainResult, bits_per_byte, evaluation_steps, global_tokens_per_step, perplexity, train
 
 OUT = stage_dir("pretrain")
 DDP_RANK = "--ddp-rank"                   # argv of the torchrun processes of a multi-device run
@@ -121,8 +128,31 @@ def datasets(model_config: ModelConfig, train_config: TrainConfig, tokenizer) ->
     return train_data, val_data
 
 
-def callbacks(curves: Curves, log_metrics, info):
-    """train()'s on_step / on_eval: curves, MLflow metrics, samples in the log."""
+def snapshots_of(config: SnapshotConfig | None, folder: Path, train_config: TrainConfig, tokenizer,
+                 train_data: TokenDataset) -> Snapshots | None:
+    """The run's snapshot taker (None with keep: 0): the probe text and the first training row."""
+    if config is None or config.keep == 0:
+        return None
+    probes = [Probe("probe text", tokenizer.encode(config.probe_text)),
+              Probe("training row", train_data.batch(0)[0][0].tolist())]
+    steps = chosen_steps(evaluation_steps(train_config), config.keep)
+    return Snapshots(folder, config, steps, probes, tokenizer.token_text)
+
+
+def snapshot(snapshots: Snapshots | None, model: GPT, step: int, val_loss: float | None, log_metrics, info) -> None:
+    """Take the snapshot of `step` if it is a chosen one; log the probes' bits per token."""
+    if snapshots is None or not snapshots.wanted(step):
+        return
+    began = time.perf_counter()
+    taken = snapshots.take(model, step, val_loss)
+    bits = probe_bits(taken)
+    log_metrics({f"snapshot.{name.replace(' ', '_')}_bits": value for name, value in bits.items()}, step=step)
+    info(f"snapshot at step {step} ({time.perf_counter() - began:.2f} s): "
+         + ", ".join(f"{name} {value:.2f} bits/token" for name, value in bits.items()))
+
+
+def callbacks(curves: Curves, log_metrics, info, snapshots: Snapshots | None = None, model: GPT | None = None):
+    """train()'s on_step / on_eval: curves, MLflow metrics, samples in the log, snapshots."""
     def on_step(step: int, m: dict) -> None:
         curves.add_train(step, m["loss"], m["lr"], m["grad_norm"])
         log_metrics({k: v for k, v in m.items() if v is not None}, step=step + 1)
@@ -132,6 +162,7 @@ def callbacks(curves: Curves, log_metrics, info):
         log_metrics({"val_loss": m["val_loss"], "val_ppl": m["val_ppl"]}, step=step)
         if m.get("sample"):
             info(f"sample at step {step}: {m['sample']!r}")
+        snapshot(snapshots, model, step, m["val_loss"], log_metrics, info)
 
     return on_step, on_eval
 
@@ -166,6 +197,10 @@ def pretrain_flow(params: Params, node_rank: int = 0) -> dict:
     if node_rank > 0:   # another host: its processes train with node 0's; node 0 finishes the stage
         train_with_torchrun(devices, model_config, train_config, checkpoints, tokens_per_step, None, nodes, p.sharding)
         return {}
+    if train_config.resume == "never":
+        shutil.rmtree(checkpoints / SNAPSHOTS_DIR, ignore_errors=True)   # the run starts over: so do its snapshots
+    snapshot_config = p.snapshots.build()
+    snapshots = snapshots_of(snapshot_config, checkpoints / SNAPSHOTS_DIR, train_config, tokenizer, train_data)
     torch.manual_seed(train_config.seed)  # the initial weights too: same params, same model
     model = GPT(model_config)
     shape = p.model.preset + (f" at depth {p.model.depth}" if p.model.depth else "")
@@ -178,14 +213,16 @@ def pretrain_flow(params: Params, node_rank: int = 0) -> dict:
                  "writes sharded checkpoints, which several processes can resume")
 
     with stage_run("pretrain", params, system_metrics=True) as stage:
+        snapshot(snapshots, model, 0, None, stage.log_metrics, log.info)   # the untrained model
         if devices > 1 or p.nodes > 1 or os.environ.get(FORCE_TORCHRUN_ENV) == "1":
             # Multi-device: torchrun processes train; rank 0 writes curves, metrics, checkpoints.
             result = train_with_torchrun(devices, model_config, train_config, checkpoints, tokens_per_step,
-                                         stage.run.info.run_id, nodes, p.sharding)
+                                         stage.run.info.run_id, nodes, p.sharding,
+                                         snapshot_config)
             load_weights(model, result.checkpoint / WEIGHTS_FILE)
         else:
             curves = Curves(OUT / "curves", tokens_per_step)
-            on_step, on_eval = callbacks(curves, stage.log_metrics, log.info)
+            on_step, on_eval = callbacks(curves, stage.log_metrics, log.info, snapshots, model)
             try:
                 result = train(model, train_data, val_data, train_config, checkpoints,
                                on_step=on_step, on_eval=on_eval, sample_fn=sampler(tokenizer), sharding=p.sharding)
@@ -197,6 +234,8 @@ def pretrain_flow(params: Params, node_rank: int = 0) -> dict:
 
         with atomic_dir(BASE_MODEL) as tmp:
             save_model_dir(model, tokenizer, tmp)  # the tokenizer as the tokenizer stage saved it
+            if snapshots is not None:
+                snapshots.finish(model, result.history, tmp / SNAPSHOTS_DIR)
         for stale in (OUT / "checkpoints").iterdir():
             if stale.name != key:  # checkpoints of settings no longer in params
                 shutil.rmtree(stale)
@@ -213,6 +252,7 @@ def pretrain_flow(params: Params, node_rank: int = 0) -> dict:
             **text_measures(result.val_loss, val_data.meta, model),
             "tokens_per_s": result.tokens_per_s, "elapsed_s": result.elapsed_s,
             "resumed_from_step": result.resumed_from or 0, "registered_version": int(version or 0),
+            **snapshot_metrics(BASE_MODEL / SNAPSHOTS_DIR),
             **result.diagnosis.metrics(),
         }
         samples = final_samples(model, tokenizer, max(train_config.sample_tokens, 32))
@@ -243,6 +283,12 @@ def text_measures(val_loss: float | None, meta: dict, model: GPT) -> dict:
     return out
 
 
+def snapshot_metrics(folder: Path) -> dict:
+    """How many snapshots the model folder carries and their size on disk."""
+    files = [f for f in folder.rglob("*") if f.is_file()] if folder.is_dir() else []
+    return {"snapshots": len(list_steps(folder)), "snapshots_mb": round(sum(f.stat().st_size for f in files) / 2**20, 2)}
+
+
 def rewrite_curves(folder: Path, history: dict, tokens_per_step: int) -> None:
     """After a resume the CSVs hold only this invocation's steps: rewrite them from the full history."""
     c = Curves(folder, tokens_per_step)
@@ -259,7 +305,8 @@ def rewrite_curves(folder: Path, history: dict, tokens_per_step: int) -> None:
 
 def train_with_torchrun(devices: int, model_config: ModelConfig, train_config: TrainConfig, checkpoints: Path,
                         tokens_per_step: int, mlflow_run_id: str | None,
-                        nodes: distributed.Nodes = distributed.ONE_HOST, sharding: str = "ddp") -> TrainResult | None:
+                        nodes: distributed.Nodes = distributed.ONE_HOST, sharding: str = "ddp",
+                        snapshot_config: SnapshotConfig | None = None) -> TrainResult | None:
     """Train in `devices` processes (on each of `nodes`) under torchrun and wait for the result,
     whose checkpoint holds the trained weights. A host other than node 0 gets None.
 
@@ -271,7 +318,8 @@ def train_with_torchrun(devices: int, model_config: ModelConfig, train_config: T
         job.write_text(json.dumps({"model": model_config.to_dict(), "train": train_config.to_dict(),
                                    "checkpoints": str(checkpoints), "tokens_per_step": tokens_per_step,
                                    "mlflow_run_id": mlflow_run_id, "result": str(result_file),
-                                   "sharding": sharding}))
+                                   "sharding": sharding,
+                                   "snapshots": snapshot_config.to_dict() if snapshot_config else None}))
         target = ["-m", "flows.pretrain", DDP_RANK, str(job)]
         command = distributed.torchrun_command(devices, target, nodes=nodes)
         log.info(f"training in {devices} process(es) on node {nodes.rank} of {nodes.count}: {' '.join(command)}")
@@ -318,7 +366,14 @@ def ddp_rank(job_file: Path) -> None:
                                                             for k, v in metrics.items()])
 
         curves = Curves(OUT / "curves", job["tokens_per_step"])
-        on_step, on_eval = callbacks(curves, log_metrics, print)
+        # A sharded model is whole on no process: rank 0 alone cannot run it (llm.train skips samples so too).
+        whole = job["sharding"] != "fsdp" or distributed.from_env().world_size == 1
+        if job["snapshots"] and not whole:
+            print("note: with sharding fsdp, evaluations take no snapshots (the model is whole on no process); "
+                  "the snapshot of step 0 is kept")
+        config = SnapshotConfig.from_dict(job["snapshots"]) if job["snapshots"] and whole else None
+        snapshots = snapshots_of(config, Path(job["checkpoints"]) / SNAPSHOTS_DIR, train_config, tokenizer, train_data)
+        on_step, on_eval = callbacks(curves, log_metrics, print, snapshots, model)
     try:
         result = train(model, train_data, val_data, train_config, job["checkpoints"],
                        on_step=on_step, on_eval=on_eval, sample_fn=sampler(tokenizer), sharding=job["sharding"])

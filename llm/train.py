@@ -571,6 +571,11 @@ def _due(done: int, every: int, max_steps: int) -> bool:
     return done == max_steps or (every > 0 and done % every == 0)
 
 
+def evaluation_steps(config: TrainConfig) -> list[int]:
+    """The steps at which train() evaluates (and calls on_eval) when given validation data."""
+    return [done for done in range(1, config.max_steps + 1) if _due(done, config.eval_every, config.max_steps)]
+
+
 def _evaluate_and_sample(run: _Run, val_data: Batches, step: int, sample_fn: SampleFn | None,
                          on_eval: Callable | None, bar) -> None:
     config = run.config

@@ -110,8 +110,13 @@ def _openapi(app: FastAPI, spec: GenerationSpec) -> dict:
                 responses["413"] = {"description": "Request body too large", **error}
             if path == "/v1/models/{model_id}":
                 responses["404"] = {"description": "Unknown model", **error}
+            if path.startswith("/v1/snapshots"):
+                responses["400"] = {"description": "Invalid step", **error}
+                responses["404"] = {"description": "No such snapshot, or the model has none", **error}
             if path in limited:
                 responses["429"] = {"description": "Too many requests in flight; retry after Retry-After", **busy}
+            if path == INTROSPECT_PATH:
+                responses["404"] = {"description": "Unknown model or snapshot step", **error}
             if path in introspecting:
                 responses["503"] = {"description": "The introspection worker failed", **error}
                 responses["504"] = {"description": "Waited too long in the queue", **error}

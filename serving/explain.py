@@ -22,7 +22,7 @@ from litserve.server import RegularRequestHandler
 from llm import attribution
 from llm.model import ModelConfig
 from llm.tokenizer import Tokenizer
-from serving.introspection import IntrospectAPI, caps
+from serving.introspection import IntrospectAPI, caps, check_step
 from serving.options import Limits
 from serving.schemas import (
     AttributionRequest,
@@ -63,11 +63,13 @@ def _check_token(name: str, token: int | None, vocab_size: int) -> None:
         _bad(f"{name} token {token} is out of range: the vocabulary has {vocab_size} tokens (0..{vocab_size - 1})")
 
 
-def plan(request, config: ModelConfig, tokenizer: Tokenizer, limits: Limits, model_name: str) -> dict:
-    """Check an AttributionRequest or PatchingRequest against the model and the caps (HTTPException
-    4xx); what `run` needs."""
+def plan(request, config: ModelConfig, tokenizer: Tokenizer, limits: Limits, model_name: str,
+         steps: list[int] = ()) -> dict:
+    """Check an AttributionRequest or PatchingRequest against the model, its snapshots' `steps` and
+    the caps (HTTPException 4xx); what `run` needs."""
     if request.model is not None and request.model != model_name:
         _bad(f"the model '{request.model}' does not exist here; this server serves '{model_name}'", 404)
+    check_step(request.step, steps, model_name)
     max_tokens = caps(config, tokenizer, limits)["max_tokens"]
     if config.norm_placement != "pre" and isinstance(request, AttributionRequest):
         _bad("direct logit attribution needs a pre-norm model: this one is post-norm, whose blocks "
@@ -79,7 +81,7 @@ def plan(request, config: ModelConfig, tokenizer: Tokenizer, limits: Limits, mod
                  f"(0..{len(ids) - 1}, or -1 for the last)")
         _check_token("target", request.target, config.vocab_size)
         return {"explain": "attribution", "ids": ids, "position": request.position, "target": request.target,
-                "top_k": request.top_k}
+                "top_k": request.top_k, "step": request.step}
     clean = _ids(request.clean, tokenizer, max_tokens, "clean")
     corrupted = _ids(request.corrupted, tokenizer, max_tokens, "corrupted")
     if len(clean) != len(corrupted):
@@ -92,7 +94,7 @@ def plan(request, config: ModelConfig, tokenizer: Tokenizer, limits: Limits, mod
         _bad(f"patching {len(clean)} tokens at {config.n_layer + 1} layers is (layers + 1) x tokens^2 = {passes} "
              f"token-passes; this server allows {limits.patching_max_token_passes}: use shorter prompts")
     return {"explain": "patching", "clean": clean, "corrupted": corrupted, "target": request.target,
-            "foil": request.foil}
+            "foil": request.foil, "step": request.step}
 
 
 def run(model, tokenizer: Tokenizer, planned: dict, model_name: str) -> dict:
@@ -101,10 +103,10 @@ def run(model, tokenizer: Tokenizer, planned: dict, model_name: str) -> dict:
         result = attribution.direct_logit_attribution(model, planned["ids"], decode, position=planned["position"],
                                                       target=planned["target"], top_k=planned["top_k"])
         tokens = [{"id": i, "text": decode(i)} for i in planned["ids"]]
-        return {"model": model_name, "tokens": tokens, **result, "method": FINAL_NORM_METHOD}
+        return {"model": model_name, "step": planned["step"], "tokens": tokens, **result, "method": FINAL_NORM_METHOD}
     result = attribution.activation_patching(model, planned["clean"], planned["corrupted"], decode,
                                              target=planned["target"], foil=planned["foil"])
-    return {"model": model_name, **result}
+    return {"model": model_name, "step": planned["step"], **result}
 
 
 class IntrospectAndExplainAPI(IntrospectAPI):
@@ -112,12 +114,13 @@ class IntrospectAndExplainAPI(IntrospectAPI):
 
     def decode_request(self, request: IntrospectRequest) -> dict:  # the annotation types /v1/introspect's body
         if isinstance(request, (AttributionRequest, PatchingRequest)):
-            return plan(request, self.model.config, self.tokenizer, self.options.limits, self.options.model_name)
+            return plan(request, self.model.config, self.tokenizer, self.options.limits, self.options.model_name,
+                        self.steps)
         return super().decode_request(request)
 
     def predict(self, planned: dict) -> dict:
         if "explain" in planned:
-            return run(self.model, self.tokenizer, planned, self.options.model_name)
+            return run(self.model_at(planned["step"]), self.tokenizer, planned, self.options.model_name)
         return super().predict(planned)
 
 

@@ -14,6 +14,7 @@ Caps (defaults; see serving.options.Limits and `python -m serving --help`):
     (layers + 1) x tokens x top_k   the same, with logit_lens
     layers x heads x tokens^2   the same, for attention maps
     layer / head indices        within the model (0-based): else 400
+    step                        one of the model's training snapshots: else 404 listing them
 
 It is a plain LitAPI on LitServe's own request path, with its own worker process and its own
 copy of the model (a LitAPI's worker cannot see another's); requests are validated there and
@@ -23,16 +24,19 @@ answered 400 with a message when over a cap.
 # No `from __future__ import annotations` here: LitServe reads decode_request's parameter
 # annotation as a class to build the route's request model (a string would become a query field).
 
+import copy
 import signal
+from functools import lru_cache
 
 import litserve as ls
 import torch
 from fastapi import HTTPException
 
 from llm import introspect
-from llm.model import ModelConfig
+from llm.model import GPT, ModelConfig
+from llm.snapshots import load_snapshot
 from llm.tokenizer import Tokenizer
-from serving.loading import load_model_dir
+from serving.loading import load_model_dir, snapshot_steps, snapshots_dir, step_problem
 from serving.options import Limits, ServeOptions
 from serving.schemas import IntrospectRequest, IntrospectResponse
 from serving.text import token_bytes, token_text
@@ -52,7 +56,7 @@ def caps(config: ModelConfig, tokenizer: Tokenizer, limits: Limits) -> dict[str,
 
 
 def plan(request: IntrospectRequest, config: ModelConfig, tokenizer: Tokenizer, limits: Limits,
-         model_name: str) -> dict:
+         model_name: str, steps: list[int] = ()) -> dict:
     """Check a request against the model and the caps (HTTPException 4xx naming the problem);
     the token ids and options for `run`."""
     def bad(message: str, status: int = 400):
@@ -60,6 +64,7 @@ def plan(request: IntrospectRequest, config: ModelConfig, tokenizer: Tokenizer, 
 
     if request.model is not None and request.model != model_name:
         bad(f"the model '{request.model}' does not exist here; this server serves '{model_name}'", 404)
+    check_step(request.step, steps, model_name)
     cap = caps(config, tokenizer, limits)
     ids = tokenizer.encode(request.text) if request.text is not None else list(request.token_ids)
     if not ids:
@@ -92,7 +97,13 @@ def plan(request: IntrospectRequest, config: ModelConfig, tokenizer: Tokenizer, 
             bad(f"attention maps of layers x heads x tokens^2 = {size} numbers; at most {cap['max_values']}: "
                 "ask for fewer layers or heads, or send less text")
     return {"ids": ids, "top_k": k, "layers": layers, "heads": heads, "logit_lens": request.logit_lens,
-            "caps": cap}
+            "step": request.step, "caps": cap}
+
+
+def check_step(step: int | None, steps: list[int], model_name: str) -> None:
+    """A request's `step` must be one of the model's snapshots (None: the trained model): else 404."""
+    if step is not None and (problem := step_problem(step, list(steps), model_name)):
+        raise HTTPException(404, problem)
 
 
 def byte_spans(tokenizer: Tokenizer, ids: list[int]) -> list[tuple[int, int]]:
@@ -119,6 +130,7 @@ def run(model, tokenizer: Tokenizer, planned: dict, model_name: str) -> dict:
                        "surprisal_bits": row["surprisal_bits"], "next": row["next"]})
     return {
         "model": model_name,
+        "step": planned["step"],
         "tokens": tokens,
         "attention": result["attention"]["layers"] if "attention" in result else None,
         "logit_lens": result["logit_lens"]["layers"] if "logit_lens" in result else None,
@@ -136,12 +148,24 @@ class IntrospectAPI(ls.LitAPI):
         die_with_parent()
         torch.set_num_threads(1)
         self.model, self.tokenizer = load_model_dir(self.options.model_dir, device)
+        self.steps = snapshot_steps(self.options.model_dir)
+        self.device = device
+
+    @lru_cache(maxsize=2)  # noqa: B019 (one API object per worker process, alive as long as it)
+    def snapshot(self, step: int) -> GPT:
+        """The model as it was at a training step: a copy of the model with that snapshot's weights."""
+        return load_snapshot(copy.deepcopy(self.model), snapshots_dir(self.options.model_dir), step, self.device)
 
     def decode_request(self, request: IntrospectRequest) -> dict:
-        return plan(request, self.model.config, self.tokenizer, self.options.limits, self.options.model_name)
+        return plan(request, self.model.config, self.tokenizer, self.options.limits, self.options.model_name,
+                    self.steps)
+
+    def model_at(self, step: int | None) -> GPT:
+        """The trained model, or a snapshot's (`step` already checked by check_step)."""
+        return self.model if step is None else self.snapshot(step)
 
     def predict(self, planned: dict) -> dict:
-        return run(self.model, self.tokenizer, planned, self.options.model_name)
+        return run(self.model_at(planned["step"]), self.tokenizer, planned, self.options.model_name)
 
     def encode_response(self, output: dict) -> IntrospectResponse:
         return output

@@ -10,6 +10,10 @@ llm.checkpoint (load_model_dir, save_model_dir):
 `--model models:/NAME@ALIAS` (or `models:/NAME/VERSION`) is resolved with
 `mlflow.artifacts.download_artifacts`: the registered version's source is the logged folder,
 so a local store gives its path directly and a remote one is downloaded to a temporary folder.
+
+A model folder written by the pretrain stage also holds `snapshots/` (llm.snapshots): the
+weights and probe records at several training steps. The server serves each of them: their
+steps are listed by /v1/models and /v1/snapshots, and /v1/introspect takes a `step`.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from llm.checkpoint import (  # noqa: F401 (read_config: served from here too)
     read_config,
 )
 from llm.model import GPT
+from llm.snapshots import SNAPSHOTS_DIR, list_steps
 from llm.tokenizer import Tokenizer, load_tokenizer
 
 DEFAULT_MODEL = "data/instruct/model"   # the instruct stage's output (flows/_stage.py INSTRUCT_MODEL)
@@ -102,3 +107,23 @@ def default_name(source: str, folder: Path) -> str:
         return source[len(REGISTRY_PREFIX):].strip("/")
     folder = folder.resolve()
     return folder.parent.name if folder.name == "model" and folder.parent.name else folder.name
+
+
+def snapshots_dir(folder: Path) -> Path:
+    return Path(folder) / SNAPSHOTS_DIR
+
+
+def snapshot_steps(folder: Path) -> list[int]:
+    """The training steps the model folder kept snapshots of (none for most models)."""
+    return list_steps(snapshots_dir(folder))
+
+
+def step_problem(step: int | None, steps: list[int], model_name: str) -> str | None:
+    """Why snapshot `step` (None: any snapshot) cannot be served, as a message for a 404; None if it can."""
+    if not steps:
+        return (f"'{model_name}' has no training snapshots: serve a model folder the pretrain stage wrote with "
+                "pretrain.snapshots.keep > 0 (data/pretrain/model)")
+    if step is None or step in steps:
+        return None
+    return (f"step {step} is not a snapshot of '{model_name}'; its snapshots are at steps "
+            f"{', '.join(map(str, steps))}")

@@ -262,6 +262,8 @@ class ModelCard(Loose):
     max_tokens: int
     source: str
     config: dict[str, Any] = Field(description="The model's architecture (llm.model.ModelConfig).")
+    snapshots: list[int] = Field(description="Training steps this model kept a snapshot of (GET /v1/snapshots; "
+                                             "`step` in /v1/introspect); empty if none.")
 
 
 class ModelList(Loose):
@@ -322,6 +324,11 @@ class AttentionRequest(Strict):
                                                             description="0-based head indices; all heads if omitted.")
 
 
+SnapshotStep = Annotated[int, Field(ge=0, description="Ask the model as it was at this training step (one of "
+                                                    "GET /v1/models' `snapshots`); the trained model if omitted.")]
+ServedStep = Annotated[int | None, Field(description="The snapshot's training step; null for the trained model.")]
+
+
 class PromptInput(Strict):
     model_config = _exactly_one_of("text", "token_ids")
     text: str = Field(None, min_length=1, description="Text (special-token strings stay text).")
@@ -339,6 +346,7 @@ class IntrospectRequest(PromptInput):
     top_k: int = Field(5, ge=1, description="Candidates per position, for the next token and the logit lens.")
     attention: AttentionRequest | None = Field(None, description="Attention maps to return (none by default).")
     logit_lens: bool = Field(False, description="Top-k read-out of the residual stream after every layer.")
+    step: SnapshotStep | None = None
 
 
 class Candidate(Loose):
@@ -377,10 +385,50 @@ class LensLayer(Loose):
 
 class IntrospectResponse(Loose):
     model: str
+    step: ServedStep
     tokens: list[IntrospectToken]
     attention: list[LayerAttention] | None
     logit_lens: list[LensLayer] | None
     caps: dict[str, int] = Field(description="The size caps this server applies to introspection requests.")
+
+
+# --- training snapshots ----------------------------------------------------------------------------
+
+class Curve(Loose):
+    steps: list[int]
+    loss: list[float] = Field(description="loss[i] at steps[i]")
+
+
+class SnapshotList(Loose):
+    model: str
+    steps: list[int] = Field(description="The snapshots' training steps (optimizer updates done).")
+    probes: list[str] = Field(description="The names of the fixed texts every snapshot recorded.")
+    train: Curve = Field(description="The training loss of every update of the run.")
+    val: Curve = Field(description="The validation loss of every evaluation of the run.")
+
+
+class SnapshotToken(Loose):
+    position: int
+    id: int
+    text: str
+    prob: float | None = Field(description="p(token | tokens before it) at that step; null for the first token.")
+    surprisal_bits: float | None
+    next: list[Candidate]
+
+
+class SnapshotProbe(Loose):
+    name: str
+    text: str
+    ids: list[int]
+    tokens: list[SnapshotToken]
+    attention: list[LayerAttention] = Field(description="Every layer and head.")
+
+
+class SnapshotRecord(Loose):
+    model: str
+    step: int
+    val_loss: float | None = Field(description="Validation loss at that step; null at step 0.")
+    probes: list[SnapshotProbe]
 
 
 @dataclass
@@ -404,6 +452,7 @@ class AttributionRequest(PromptInput):
     target: int | None = Field(None, ge=0, description="The token id whose logit is explained "
                                                        "(default: the model's top prediction there).")
     top_k: int = Field(5, ge=1, le=50, description="Top predictions at the position to return.")
+    step: SnapshotStep | None = None
 
 
 class PatchingRequest(Strict):
@@ -413,6 +462,7 @@ class PatchingRequest(Strict):
     target: int | None = Field(None, ge=0, description="The answer token (default: the clean prompt's prediction).")
     foil: int | None = Field(None, ge=0, description="The token it competes with (default: the corrupted "
                                                      "prompt's prediction, if different).")
+    step: SnapshotStep | None = None
 
 
 class TokenChoice(Loose):
@@ -443,6 +493,7 @@ class LayerAttribution(Loose):
 
 class AttributionResponse(Loose):
     model: str
+    step: ServedStep
     tokens: list[TokenChoice] = Field(description="The prompt's tokens.")
     position: int
     target: TokenChoice
@@ -472,6 +523,7 @@ class PatchingTokens(Loose):
 
 class PatchingResponse(Loose):
     model: str
+    step: ServedStep
     target: TokenChoice
     foil: TokenChoice | None
     metric: str

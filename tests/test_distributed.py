@@ -249,6 +249,10 @@ def test_pretrain_stage_trains_on_two_processes_and_refuses_to_continue_on_one(p
     final, model = load_file(latest_checkpoint(checkpoints / "checkpoints") / "model.safetensors"), load_file(
         repo / "data/pretrain/model/model.safetensors")
     assert final.keys() == model.keys() and all(torch.equal(final[k], model[k]) for k in final)
+    # Snapshots: step 0 taken by the flow, the evaluations by rank 0, all in the model folder.
+    from llm.snapshots import list_steps
+    assert list_steps(repo / "data/pretrain/model/snapshots") == [0, 3, 6] and metrics["snapshots"] == 3
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "snapshot.probe_text_bits")] == [0, 3, 6]
 
     # The same settings on one device would continue with half the global batch: refused, clearly.
     params["pretrain"]["devices"] = 1

@@ -104,3 +104,12 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     path.write_text(yaml.safe_dump(base()) + "pretrain:\n  train:\n    lr: 7e-3\n    min_lr: 1E-4\n")
     train = load_params(path).pretrain.train
     assert (train.lr, train.min_lr) == (0.007, 0.0001)
+
+
+def test_snapshot_settings_are_checked_with_the_pretrain_section(tmp_path):
+    data = base()
+    data["pretrain"] = {"snapshots": {"keep": 2, "tokens": 16}}
+    assert load_params(write(tmp_path, data)).pretrain.snapshots.build().keep == 2
+    data["pretrain"]["snapshots"]["keep"] = -1
+    with pytest.raises(ConfigError, match=r"pretrain.snapshots.*keep must be >= 0"):
+        load_params(write(tmp_path, data))

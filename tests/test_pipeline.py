@@ -15,6 +15,7 @@ from llm.checkpoint import load_checkpoint
 from llm.classify import Classifier
 from llm.data import TokenDataset, read_meta
 from llm.model import num_params
+from llm.snapshots import list_steps, read_record
 from llm.tokenizer import load_tokenizer, load_tokenizers
 
 import sample_sources as samples
@@ -78,6 +79,10 @@ def test_tiny_pipeline_end_to_end(pipeline_repo, prefect_api, judge_gguf, tmp_pa
     assert pretrain["val_tokens_per_word"] == pytest.approx(pack["val"]["tokens_per_word"])
     assert pretrain["embedding_share"] == pytest.approx(1 - num_params(model, non_embedding=True) / num_params(model))
     assert len((repo / "data/pretrain/samples.txt").read_text().strip()) > 0
+    # Snapshots of the run travel in the model folder: step 0 and each evaluation, with records.
+    assert list_steps(repo / "data/pretrain/model/snapshots") == [0, 15, 30] and pretrain["snapshots"] == 3
+    assert [p["name"] for p in read_record(repo / "data/pretrain/model/snapshots", 15)["probes"]] == [
+        "probe text", "training row"]
 
     # Same params, same model: a second run from scratch reproduces the weights bit for bit
     # (the initial weights are seeded too, not only the training).

@@ -222,6 +222,9 @@ def test_the_pretrain_stage_on_two_hosts_sharded(prefect_api, tmp_path):
     assert (final / DCP_DIR / ".metadata").is_file()
     weights, model = load_file(final / "model.safetensors"), load_file(repo / "data/pretrain/model/model.safetensors")
     assert weights.keys() == model.keys() and all(torch.equal(weights[k], model[k]) for k in weights)
+    # Sharded, the model is whole on no process: only the untrained model's snapshot is taken.
+    from llm.snapshots import list_steps
+    assert list_steps(repo / "data/pretrain/model/snapshots") == [0] and "evaluations take no snapshots" in outputs[0]
 
 
 # --- sharded training ---------------------------------------------------------------------------

@@ -11,13 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import shutil
 import statistics
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -28,7 +24,7 @@ from llm.checkpoint import load_checkpoint
 from llm.model import flops_per_token, num_params
 from llm.tokenizer import load_tokenizer
 
-from test_serving_support import make_model_dir, running
+from test_serving_support import fuzz, make_model_dir, running
 
 CONTEXT = 1024      # long enough that a "long" request takes a while even for this tiny model
 MAX_TOKENS = 1000
@@ -336,6 +332,7 @@ BAD = [
     ("/v1/introspect", {"text": "x" * 200, "attention": {"layers": [0, 1]}}, 400, "attention maps"),
     ("/v1/introspect", {"text": "hi", "model": "nope"}, 404, "does not exist"),
     ("/v1/introspect", {"text": 5}, 400, "text"),
+    ("/v1/introspect", {"text": "hi", "step": 0}, 404, "'tiny' has no training snapshots"),
     ("/v1/tokenize", {"text": "a", "messages": USER}, 400, "exactly one"),
     ("/v1/attribution", {"text": "hi", "target": 10 ** 6}, 400, "target token 1000000 is out of range"),
     ("/v1/attribution", {"text": "hi", "position": 2}, 400, "position 2 is outside"),
@@ -367,22 +364,8 @@ def test_bad_requests_get_4xx_json_errors(http, path, body, status, words):
 
 
 def test_fuzzing_from_the_openapi_schema_finds_no_server_error(server):
-    """schemathesis generates valid and invalid requests from /openapi.json. Every check but
-    positive_data_acceptance: some valid-by-schema requests are refused on purpose (a prompt longer
-    than the context, both `text` and `token_ids`), which a JSON schema cannot express.
-    One worker: with several, hypothesis parses lambdas' source in threads, which CPython 3.11
-    can fail on ("AST constructor recursion depth mismatch", seen once in CI here)."""
-    cli = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
-    if cli is None:
-        pytest.skip("schemathesis is not installed (pip install -e '.[test]')")
-    start = time.monotonic()
-    result = subprocess.run(
-        [cli, "--no-color", "run", f"{server.url}/openapi.json", "--checks", "all",
-         "--exclude-checks", "positive_data_acceptance", "--max-examples", "25", "--seed", "1",
-         "--max-time", "35", "--workers", "1", "--request-timeout", "20", "--suppress-health-check", "all"],
-        capture_output=True, text=True, timeout=120)
-    print(f"schemathesis: {time.monotonic() - start:.0f} s\n{result.stdout[-1500:]}")
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    """schemathesis generates valid and invalid requests from /openapi.json (test_serving_support.fuzz)."""
+    fuzz(server.url, max_examples=25, max_time_s=35)
 
 
 def test_load_2000_requests_from_64_clients(server):

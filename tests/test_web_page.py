@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 from pathlib import Path
@@ -128,6 +129,13 @@ def test_attention_heatmap_and_head_grid(page_after_generation):
         "#heatmap", "c => Array.from(c.getContext('2d').getImageData(0, 0, 2, 1).data)")
     assert first_row[:3] == [20, 60, 140] and first_row[4:7] == [255, 255, 255]
 
+    # The tokens on both axes; when cells are under 8 pixels, every few tokens (heatmap.js).
+    texts = page.eval_on_selector_all("#tokens .token", "spans => spans.map(s => s.textContent)")
+    every = math.ceil(8 / (420 / n))
+    for axis in ("#heatmap-keys", "#heatmap-queries"):
+        labels = page.eval_on_selector_all(f"{axis} span", "spans => spans.map(s => [Number(s.dataset.index), s.textContent])")
+        assert labels == [[i, texts[i].replace("\u21b5\n", "\u21b5").replace(" ", "\u00b7")] for i in range(0, n, every)]
+
     page.select_option("#layer", "1")
     page.wait_for_selector("#heatmap[data-layer='1']")
     page.click("#heads .head >> nth=2")
@@ -147,6 +155,8 @@ def test_logit_lens_grid_and_config(page_after_generation, tmp_path):
         "#config tr", "rows => rows.map(r => [r.cells[0].textContent, r.cells[1].textContent])"))
     assert config["n_layer"] == str(N_LAYER) and config["n_head"] == str(N_HEAD)
     assert page.inner_text("#model-name") == "tiny"
+    # The training timeline says why it has nothing to show: this model kept no snapshots.
+    assert "has no training snapshots" in page.inner_text("#tl-note") and page.is_hidden("#tl-view")
     page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
     assert (tmp_path / "page.png").stat().st_size > 10_000
 

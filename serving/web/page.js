@@ -158,9 +158,8 @@ function drawTokens() {
 }
 
 // The candidates for position i were predicted at position i - 1.
-function showTooltip(i, event) {
-  const token = state.tokens[i];
-  const tooltip = $("tooltip");
+function showTooltip(i, event, tokens = state.tokens, tooltip = $("tooltip")) {
+  const token = tokens[i];
   const heading = document.createElement("div");
   if (i === 0) {
     heading.textContent = `${JSON.stringify(token.text)}: the first token, nothing predicts it`;
@@ -169,7 +168,7 @@ function showTooltip(i, event) {
     heading.textContent = `${JSON.stringify(token.text)}: p = ${token.prob.toFixed(3)}, ` +
                           `${token.surprisal_bits.toFixed(1)} bits. The model expected:`;
     const table = document.createElement("table");
-    for (const c of state.tokens[i - 1].next) {
+    for (const c of tokens[i - 1].next) {
       const tr = row([JSON.stringify(c.text), c.prob.toFixed(3)]);
       tr.lastChild.className = "p";
       if (c.id === token.id) tr.style.fontWeight = "bold";
@@ -227,6 +226,9 @@ function drawHeatmap() {
   canvas.dataset.layer = state.attention.layer;
   canvas.dataset.head = head;
   canvas.dataset.size = map.weights.length;
+  // The tokens on both axes (heatmap.js), at the canvas's 420 CSS pixels.
+  const tokens = state.tokens.map((t) => t.text);
+  labelAxes($("heatmap-grid"), $("heatmap-keys"), $("heatmap-queries"), tokens, 420 / tokens.length);
 }
 
 // One pixel per (query, key) cell: white (0) to dark blue (1), on a square-root scale so that
