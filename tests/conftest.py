@@ -9,10 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-# Prefect binds its console log handler to the sys.stderr of the moment it is first imported.
-# Import it here, under pytest's session-wide capture, not first inside a test whose capsys
-# stream is closed after it (later in-process flow runs then fail writing their logs).
-import prefect.main  # noqa: E402, F401, I001
 import pytest
 
 import flows  # noqa: F401  (the project's quiet/offline environment defaults)
@@ -21,6 +17,14 @@ from flows import servers
 from judge_model import judge_gguf  # noqa: F401  (a session fixture shared by the judge tests)
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    # Prefect binds its console log handler to the sys.stderr of the moment it is first imported:
+    # import it now (after flows' environment defaults, under pytest's session-wide capture), not
+    # first inside a test whose capsys stream closes after it (later in-process flow runs then fail
+    # writing their logs).
+    import prefect.main  # noqa: F401
 VENV_BIN = Path(sys.executable).parent
 
 
