@@ -11,7 +11,7 @@ unknown experiment name, an unknown or mistyped params key (against the params s
 identical to its baseline or a different token budget stops with a message naming it.
 
 How it runs, without touching your workspace: runs go through `dvc exp run --queue` and
-`dvc exp run --run-all` in a clone of this repository at .cache/experiments/workspace (your
+`dvc queue start` in a clone of this repository at .cache/experiments/workspace (your
 working tree's files copied in, DVC cache shared), so params.yaml, dvc.lock and data/ here stay
 exactly as they are, while `dvc exp show` here lists the runs (their refs are pushed back) with
 their params and metrics. The prepared data (download, tokenizer, pack) comes from the DVC cache,
@@ -375,6 +375,41 @@ def _yaml(value) -> str:
     return str(value)
 
 
+QUEUE_POLL_S = 5.0
+QUEUE_RESTARTS = 3
+
+
+def queue_state(ws: Path, env: dict) -> tuple[int, int]:
+    """(runs queued or running, workers alive) as `dvc queue status` reports them."""
+    text = sh([dvc_bin(), "queue", "status"], ws, env, check=False).stdout
+    pending = sum(1 for line in text.splitlines() if re.search(r"\s(Queued|Running)\s*$", line))
+    workers = re.search(r"Worker status: (\d+) active, (\d+) idle", text)
+    return pending, (int(workers.group(1)) + int(workers.group(2))) if workers else 0
+
+
+def work_through_queue(ws: Path, env: dict, log) -> None:
+    """One worker runs the queued experiments in turn. If it stops while runs are left (a stale
+    stop message in DVC's file broker ends a worker after one run), another is started: waiting
+    on `dvc exp run --run-all` would then wait forever."""
+    sh([dvc_bin(), "queue", "start", "--jobs", "1"], ws, env)
+    restarts, idle_polls = 0, 0
+    while True:
+        time.sleep(QUEUE_POLL_S)
+        pending, workers = queue_state(ws, env)
+        if not pending:
+            return
+        idle_polls = idle_polls + 1 if not workers else 0
+        if idle_polls < 2:   # a worker just started may not show yet
+            continue
+        restarts += 1
+        if restarts > QUEUE_RESTARTS:
+            raise ExperimentError(f"DVC's queue worker in {ws} stopped {restarts} times with {pending} runs "
+                                  "left; see `dvc queue status` and `dvc queue logs NAME` there")
+        log(f"the queue's worker stopped with {pending} runs left: starting another")
+        sh([dvc_bin(), "queue", "start", "--jobs", "1"], ws, env)
+        idle_polls = 0
+
+
 def run_experiment(experiment: Experiment, runs: list[PlannedRun], root: Path, ws: Path | None,
                    env: dict, log, command: str) -> dict:
     started = time.time()
@@ -390,8 +425,10 @@ def run_experiment(experiment: Experiment, runs: list[PlannedRun], root: Path, w
         assert ws is not None
         parent_id, pipeline_id = mlflow_parent(runs[0].params, experiment, root)
         env = {**env, "LLM_PIPELINE_RUN_ID": pipeline_id}
-        # a runner killed half-way may have left queue workers and entries behind: start clean
-        sh([dvc_bin(), "queue", "stop", "--kill"], ws, env, check=False)
+        # a runner killed half-way may have left queue workers and entries behind: start clean (a
+        # stop with no worker to receive it would linger in DVC's file broker and end the next one)
+        if queue_state(ws, env)[1]:
+            sh([dvc_bin(), "queue", "stop", "--kill"], ws, env, check=False)
         sh([dvc_bin(), "queue", "remove", "--queued", "--failed"], ws, env, check=False)
         queued = []
         for run in todo:
@@ -402,10 +439,11 @@ def run_experiment(experiment: Experiment, runs: list[PlannedRun], root: Path, w
         if queued:
             log_file = OUT / experiment.name / "dvc-exp-run.log"
             log_file.parent.mkdir(parents=True, exist_ok=True)
-            log(f"{experiment.name}: dvc exp run --run-all ({len(queued)} queued; output in {log_file})")
+            log(f"{experiment.name}: dvc queue start ({len(queued)} queued; output in {log_file})")
+            work_through_queue(ws, env, log)
             with open(log_file, "a") as output:
-                subprocess.run([dvc_bin(), "exp", "run", "--run-all", "--jobs", "1"], cwd=ws, env=env,
-                               stdout=output, stderr=subprocess.STDOUT)
+                for run in queued:
+                    output.write(sh([dvc_bin(), "queue", "logs", run.name], ws, env, check=False).stdout)
         for run in todo:
             rev = exp_ref(ws, run.name)
             result = collect_finished(run, ws, rev, root) if rev else collect_failed(run, ws, env, root)
