@@ -262,6 +262,12 @@ def main(argv=None) -> dict:
                 out_of_memory_at[path] = T
             shown = "out of memory" if row["out_of_memory"] else f"{row['ms']:9.2f} ms {row['peak_mb']:9.1f} MB"
             print(f"{path:8s} T={T:6d}  {shown}", file=sys.stderr)
+    measured = [r["peak_mb"] for r in rows if not r["out_of_memory"]]
+    if args.device == "cpu" and measured and max(measured) <= 0:
+        # Forked from a process whose freed memory is still resident, the forward reuses it and the
+        # peak never moves: a figure of 0 would be wrong, not small.
+        sys.exit("error: every peak memory read 0 MB; run this bench as its own process "
+                 "(python bench/attention_cost.py), not from inside a long-running one")
     report.update({"rows": rows, "fit": fits(rows, args.fit_from), "out_of_memory_at": out_of_memory_at})
     emit(report, args.out)
     return report

@@ -48,9 +48,15 @@ def test_decode_bench_compares_sides_that_produce_the_same_tokens(tmp_path):
 
 
 def test_attention_cost_bench_finds_the_explicit_path_quadratic_in_memory_and_out_of_it_first(tmp_path):
+    import subprocess
+
+    # As a script, as the experiment runs it: its measurements fork from a fresh process, whose
+    # free memory is not already resident (forked from this test process, peaks read 0).
     out = tmp_path / "attention.json"
-    report = attention_cost.main(["--min-length", "64", "--max-length", "1024", "--memory-cap-mb", "16",
-                                  "--repeats", "1", "--fit-from", "256", "--out", str(out)])
+    subprocess.run([sys.executable, str(ROOT / "bench/attention_cost.py"), "--min-length", "64", "--max-length",
+                    "1024", "--memory-cap-mb", "16", "--repeats", "1", "--fit-from", "256", "--threads", "1",
+                    "--out", str(out)], check=True, capture_output=True, timeout=300)
+    report = json.loads(out.read_text())
     # The explicit path keeps (H, T, T) probabilities: 4 heads x 1024^2 x 4 bytes = 16 MB for one copy
     # alone, so a 16 MB cap stops it at 1024; the fused kernel's memory grows with T and fits.
     assert report["out_of_memory_at"] == {"explicit": 1024, "sdpa": None}
@@ -60,5 +66,5 @@ def test_attention_cost_bench_finds_the_explicit_path_quadratic_in_memory_and_ou
     assert all(explicit[T]["peak_mb"] > sdpa[T]["peak_mb"] for T in (256, 512))
     fit = report["fit"]
     assert fit["explicit"]["memory_exponent"] > 1.4 and fit["sdpa"]["memory_exponent"] < 1.2
-    assert fit["explicit"]["fit_lengths"] == [256, 512] and json.loads(out.read_text()) == report
+    assert fit["explicit"]["fit_lengths"] == [256, 512]
     assert attention_cost.fit_exponent([(1, 3.0), (2, 12.0), (4, 48.0)]) == pytest.approx(2.0)
