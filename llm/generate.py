@@ -295,7 +295,7 @@ class Engine:
     def reset(self) -> None:
         """Forget every running request (after a failure: the cache may be half-written)."""
         self.rows.clear()
-        self.cache.lengths.zero_()
+        self.cache.lengths[:] = [0] * self.max_batch_size
 
     def _reserve(self, slots: int) -> None:
         """Grow the cache to hold `slots` tokens per row (doubling, capped at the context):
@@ -306,7 +306,7 @@ class Engine:
                                                              self.config.context_length),
                         device=self.device, dtype=self.dtype)
         grown.kv[..., :self.cache.slots, :] = self.cache.kv
-        grown.lengths.copy_(self.cache.lengths)
+        grown.lengths[:] = self.cache.lengths
         self.cache = grown
 
     def _remove(self, i: int) -> None:
@@ -347,7 +347,7 @@ class Engine:
         rows = self.cache.rows(first, first + len(sequences))
         last = torch.tensor(lengths, device=self.device) - 1
         logits = self.model(tokens, cache=rows, logits_at=last).logits.squeeze(1)
-        rows.lengths.copy_(torch.tensor(lengths))
+        self.cache.lengths[first:first + len(sequences)] = lengths
         for seq in sequences:
             seq.length = len(seq.prompt)
         return self._sample_and_retire(logits, list(range(first, first + len(sequences))))

@@ -353,14 +353,16 @@ class KVCache:
 
     kv: (layer, key/value, row, kv head, slot, D). Row b's token t lives in slot t, so a slot is
     a position and rows may be at different lengths (a server's requests join at any step).
-    lengths is a CPU tensor: the Python side reads it every step to choose the cheap path, one
-    slice for all rows when they are level, and `rows(i, j)` views share both tensors.
+    lengths is a plain list: the Python side reads it every step to choose the cheap path, one
+    slice for all rows when they are level. A `rows(i, j)` view shares kv and the list, and its
+    rows are lengths[i:j].
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, slots: int, *, device=None, dtype=None):
         self.kv = torch.zeros(config.n_layer, 2, batch_size, config.n_kv_head, slots, config.head_dim,
                               device=device, dtype=dtype)
-        self.lengths = torch.zeros(batch_size, dtype=torch.long)
+        self.lengths = [0] * batch_size    # tokens each row holds; rows(i, j) views share the list
+        self._rows = slice(0, batch_size)  # which of `lengths` are this cache's rows
         self.slot_ids = torch.arange(slots, device=device)  # slot i's position is i
         self._by_layer = self.kv.flatten(0, 1)  # (2 * layer, ...): layer i's keys at 2i, its values at 2i + 1
         # This forward's state, set by positions_and_mask:
@@ -380,7 +382,8 @@ class KVCache:
         view = self._views.get((first, stop))
         if view is None:
             view = KVCache.__new__(KVCache)
-            view.kv, view.lengths, view.slot_ids = self.kv[:, :, first:stop], self.lengths[first:stop], self.slot_ids
+            view.kv, view.lengths, view.slot_ids = self.kv[:, :, first:stop], self.lengths, self.slot_ids
+            view._rows = slice(self._rows.start + first, self._rows.start + stop)
             view._by_layer = view.kv.flatten(0, 1)
             view._start, view._ends, view._held, view._new, view._views = None, [], (), (), {}
             self._views[(first, stop)] = view
@@ -390,7 +393,7 @@ class KVCache:
         """Positions of the T new tokens, (T,) or (B, T), and the mask (B or 1, 1, T, S) of the
         slots each may attend to (None: plain causal, or every slot held for a single token).
         Called once per forward, before the layers write."""
-        starts = self.lengths.tolist()
+        starts = self.lengths[self._rows]
         end = max(starts) + T
         if end > self.slots:
             raise ValueError(f"the cache holds {self.slots} tokens per row; {max(starts)} + {T} new ones do not fit")
@@ -429,7 +432,7 @@ class KVCache:
         return keys, values
 
     def advance(self, T: int) -> None:
-        self.lengths.add_(T)
+        self.lengths[self._rows] = self._ends
 
 
 # --- the model ----------------------------------------------------------------------------------
