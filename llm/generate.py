@@ -352,9 +352,11 @@ class Engine:
             seq.length = len(seq.prompt)
         return self._sample_and_retire(logits, list(range(first, first + len(sequences))))
 
-    @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
         """One new token for every running request."""
+        if not torch.is_inference_mode_enabled():  # the cache is an inference tensor (see add)
+            with torch.inference_mode():
+                return self.step()
         if not self.rows:
             return []
         self._reserve(max(r.length for r in self.rows) + 1)
@@ -517,14 +519,15 @@ def generate(model: GPT | Engine, prompts, max_new_tokens: int = 256, **options)
     done = [Completion(tokens=[], finish_reason="", prompt_tokens=len(p),
                        logprobs=[] if want_lp else None, top_logprobs=[] if want_top else None)
             for p in prompts]
-    for step in _steps(engine, prompts, sampling):
-        for row, token in enumerate(step.tokens):
-            if token is not None:
-                done[row].tokens.append(token)
-                if want_lp:
-                    done[row].logprobs.append(step.logprobs[row])
-                if want_top:
-                    done[row].top_logprobs.append(step.top_logprobs[row])
-            if step.finish_reasons[row] is not None:
-                done[row].finish_reason = step.finish_reasons[row]
+    with torch.inference_mode():  # once for the whole loop, not per step: no caller code runs inside it
+        for step in _steps(engine, prompts, sampling):
+            for row, token in enumerate(step.tokens):
+                if token is not None:
+                    done[row].tokens.append(token)
+                    if want_lp:
+                        done[row].logprobs.append(step.logprobs[row])
+                    if want_top:
+                        done[row].top_logprobs.append(step.top_logprobs[row])
+                if step.finish_reasons[row] is not None:
+                    done[row].finish_reason = step.finish_reasons[row]
     return done
