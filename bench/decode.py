@@ -102,9 +102,10 @@ def build_model(args) -> GPT:
 
 def matmul_only(engine: Engine, batch: int, steps: int):
     """A decode run that does only the weight matmuls: `steps` times every linear layer and the
-    output layer, on random (batch, in) rows, through the layers' own decoding kernels."""
+    output layer, on random (batch, 1, in) rows (one new token per row, as the model passes them),
+    through the layers' own decoding kernels."""
     layers = [m for m in engine.model.modules() if hasattr(m, "packed")]   # the DecodingLinears
-    rows = {layer.weight.shape[1]: torch.randn(batch, layer.weight.shape[1], dtype=layer.weight.dtype,
+    rows = {layer.weight.shape[1]: torch.randn(batch, 1, layer.weight.shape[1], dtype=layer.weight.dtype,
                                                device=layer.weight.device) for layer in layers}
 
     def run():

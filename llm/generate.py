@@ -25,9 +25,11 @@ step runs over the first B rows, a view. A fixed batch (`generate`, `stream`) is
 every row joins at step 0.
 
 Speed is a mode of the same forward pass, not a second one: `for_decoding(model)` lays each
-linear layer's weight out once for the kernels that read it fastest (see DecodingLinear), and
-everything runs under inference_mode. One sampler, `choose_tokens`, serves the library and the
-server: temperature, top-k, top-p, a seed per request, log-probabilities.
+linear layer's weight out once for the kernels that read it fastest (see DecodingLinear) and
+calls every module straight through its forward (see _called_directly: at batch 1 a small
+model's step is as much Python as kernels), and everything runs under inference_mode. One
+sampler, `choose_tokens`, serves the library and the server: temperature, top-k, top-p, a seed
+per request, log-probabilities.
 """
 
 from __future__ import annotations
