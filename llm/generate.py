@@ -184,7 +184,12 @@ def choose_tokens(logits: torch.Tensor, samplings: Seq[Sampling], uniforms: Seq[
     their temperature-scaled distribution cut to the top_k likeliest, then to the smallest set
     whose mass reaches top_p. uniforms: one number in [0, 1) per row (unused by greedy rows),
     from each request's own generator, so a seeded request's tokens are its own."""
-    tokens = logits.argmax(dim=-1).tolist()
+    return chosen_ids(logits, samplings, uniforms).tolist()
+
+
+def chosen_ids(logits: torch.Tensor, samplings: Seq[Sampling], uniforms: Seq[float]) -> torch.Tensor:
+    """choose_tokens' tokens as a tensor (N,) on the logits' device: the engine feeds them back in."""
+    tokens = logits.argmax(dim=-1)
     sampled = [j for j, s in enumerate(samplings) if not s.greedy]
     if not sampled:
         return tokens
@@ -207,8 +212,7 @@ def choose_tokens(logits: torch.Tensor, samplings: Seq[Sampling], uniforms: Seq[
     uniform = torch.tensor([uniforms[j] for j in sampled], device=device, dtype=cdf.dtype)
     target = uniform[:, None] * cdf[:, -1:] * (1 - 2 ** -20)
     picks = torch.searchsorted(cdf, target, side="right").squeeze(-1).clamp_(max=cdf.size(-1) - 1)
-    for n, token in enumerate(picks.tolist()):
-        tokens[sampled[n]] = token
+    tokens[torch.tensor(sampled, device=device)] = picks
     return tokens
 
 
@@ -270,6 +274,7 @@ class Engine:
         weight = model.tok_emb.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.rows: list[Sequence] = []            # row i lives in cache row i
+        self._fed: torch.Tensor | None = None     # the rows' last tokens (B, 1), when the last step left them so
         self.cache = KVCache(c, max_batch_size, 0, device=self.device, dtype=self.dtype)
         self.rng = random.Random(seed)
 
@@ -297,6 +302,7 @@ class Engine:
     def reset(self) -> None:
         """Forget every running request (after a failure: the cache may be half-written)."""
         self.rows.clear()
+        self._fed = None
         self.cache.lengths[:] = [0] * self.max_batch_size
 
     def _reserve(self, slots: int) -> None:
@@ -314,6 +320,7 @@ class Engine:
     def _remove(self, i: int) -> None:
         """Free row i, moving the last row into its place so that rows stay packed."""
         last = len(self.rows) - 1
+        self._fed = None
         if i != last:
             n = self.rows[last].length
             self.cache.kv[:, :, i, :, :n] = self.cache.kv[:, :, last, :, :n]
@@ -362,7 +369,8 @@ class Engine:
         if not self.rows:
             return []
         self._reserve(max(r.length for r in self.rows) + 1)
-        tokens = torch.tensor([[r.last_token] for r in self.rows], device=self.device)
+        tokens = self._fed if self._fed is not None else torch.tensor([[r.last_token] for r in self.rows],
+                                                                      device=self.device)
         logits = self.model(tokens, cache=self.cache.rows(0, len(self.rows))).logits.squeeze(1)
         for row in self.rows:
             row.length += 1
@@ -375,7 +383,10 @@ class Engine:
         if self.vocab_limit is not None:
             logits[:, self.vocab_limit:] = float("-inf")
         uniforms = [(r.rng or self.rng).random() if not r.sampling.greedy else 0.0 for r in rows]
-        tokens = choose_tokens(logits, [r.sampling for r in rows], uniforms)
+        ids = chosen_ids(logits, [r.sampling for r in rows], uniforms)
+        tokens = ids.tolist()
+        # Every row continues with these tokens unless one finishes: the next step feeds them as they are.
+        self._fed = ids[:, None] if len(row_ids) == len(self.rows) else None
         lp_rows = [j for j, r in enumerate(rows) if r.sampling.logprobs or r.sampling.top_logprobs]
         chosen_lp, tops = {}, {}
         if lp_rows:
