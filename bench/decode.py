@@ -15,7 +15,9 @@ transformers' generate with use_cache=True, greedy, and no end-of-sequence token
 produces exactly --new-tokens tokens. ratio = ours / hf.
 
 tokens/s counts generated tokens over the wall time of one whole generate call (prompt
-included; the call ends by reading the tokens back, so GPU work is finished). Loading and the
+included; the call ends by reading the tokens back, so GPU work is finished); cpu_us_per_token
+is the process's CPU time over the same calls, per token (on a busy shared CPU it drifts less
+than the wall time). Loading and the
 first call of each side (kernel selection and autotuning, caches warming) stay outside the
 timing: "first_call_s" reports them. "tokens_match" says whether a side produced hf's tokens;
 in bfloat16 two correct implementations may part ways after a near-tie, so read it as a check
@@ -29,6 +31,13 @@ these kernels and launches them one by one is faster, so it shows how much of a 
     .venv/bin/python bench/decode.py --preset gpt2-124m --prompt-tokens 16 \\
         --out bench/results/h100-decode-gpt2-124m-$(date +%Y%m%d).json   # GPU: batch 1 and 64, bf16
 
+--baseline FILE adds the decoder of another tree's llm/generate.py (its Engine, or the older
+Decoder) on the same weights and this tree's llm.model, as side "baseline", for a before/after
+of a change in one run (the sides take turns, so both see the same machine):
+
+    git -C . show 8896b31:llm/generate.py > /tmp/generate_before.py
+    .venv/bin/python bench/decode.py --repeats 3 --new-tokens 128 --baseline /tmp/generate_before.py
+
 On a CPU both sides run on --threads threads (default 1: on a busy 2-core machine two-thread
 kernels stall whenever the other core is taken; try --threads 0, torch's default, on a quiet one).
 """
@@ -36,6 +45,7 @@ kernels stall whenever the other core is taken; try --threads 0, torch's default
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import sys
@@ -78,6 +88,7 @@ def parse_args(argv=None):
                    help="torch CPU threads for both sides (default: 1; 0 = torch's default). On a shared 2-core "
                         "machine two-thread kernels stall whenever the other core is busy, and rates swing 50x")
     p.add_argument("--seed", type=int, default=0, help="seed for the random weights and prompts (default: 0)")
+    p.add_argument("--baseline", metavar="FILE", help="another tree's llm/generate.py, timed as side 'baseline'")
     p.add_argument("--out", metavar="FILE", help="also write the JSON to FILE (e.g. bench/results/NAME.json)")
     return p.parse_args(argv)
 
@@ -91,9 +102,10 @@ def build_model(args) -> GPT:
 
 def matmul_only(engine: Engine, batch: int, steps: int):
     """A decode run that does only the weight matmuls: `steps` times every linear layer and the
-    output layer, on random (batch, in) rows, through the layers' own decoding kernels."""
+    output layer, on random (batch, 1, in) rows (one new token per row, as the model passes them),
+    through the layers' own decoding kernels."""
     layers = [m for m in engine.model.modules() if hasattr(m, "packed")]   # the DecodingLinears
-    rows = {layer.weight.shape[1]: torch.randn(batch, layer.weight.shape[1], dtype=layer.weight.dtype,
+    rows = {layer.weight.shape[1]: torch.randn(batch, 1, layer.weight.shape[1], dtype=layer.weight.dtype,
                                                device=layer.weight.device) for layer in layers}
 
     def run():
@@ -106,10 +118,25 @@ def matmul_only(engine: Engine, batch: int, steps: int):
     return run
 
 
+def load_baseline(path: str, model: GPT):
+    """The decoder of another tree's generate.py (imported under its own name, against this tree's
+    llm.model): its Engine, or the Decoder of the trees before it."""
+    if not Path(path).is_file():
+        sys.exit(f"--baseline {path}: no such file (a generate.py, e.g. from `git show REV:llm/generate.py`)")
+    spec = importlib.util.spec_from_file_location("baseline_generate", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    decoder = getattr(module, "Engine", None) or getattr(module, "Decoder", None)
+    if decoder is None:
+        sys.exit(f"--baseline {path}: has neither an Engine nor a Decoder")
+    return decoder(model)
+
+
 def timed(fn):
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     result = fn()
-    return time.perf_counter() - start, result
+    return time.perf_counter() - start, result, time.process_time() - cpu
 
 
 def main(argv=None) -> dict:
@@ -133,6 +160,8 @@ def main(argv=None) -> dict:
     hf_model.generation_config.eos_token_id = None
     hf_model.generation_config.pad_token_id = 0
     decoders = {"ours": Engine(ours_model)}
+    if args.baseline:
+        decoders["baseline"] = load_baseline(args.baseline, ours_model)
 
     generator = torch.Generator().manual_seed(args.seed)
     report = {**context("decode", device, "bench/decode.py", argv),
@@ -156,13 +185,20 @@ def main(argv=None) -> dict:
         first = {side: timed(run) for side, run in runs.items()}  # warm-up, and the outputs to compare
         hf_tokens = first["hf"][1]
         times = {side: [] for side in runs}
+        cpu = {side: [] for side in runs}
         for _ in range(args.repeats):  # interleaved: every side sees the same machine weather
             for side, run in runs.items():
-                times[side].append(timed(run)[0])
+                wall, _, cpu_s = timed(run)
+                times[side].append(wall)
+                cpu[side].append(cpu_s)
         rate = {side: batch * args.new_tokens / statistics.median(t) for side, t in times.items()}
         row = {f"{side}_tokens_per_s": round(rate[side], 1) for side in decoders}
         row["hf_tokens_per_s"] = round(rate["hf"], 1)
         row["ratio"] = round(rate["ours"] / rate["hf"], 2)
+        if args.baseline:
+            row["baseline_ratio"] = round(rate["baseline"] / rate["hf"], 2)
+        row["cpu_us_per_token"] = {side: round(1e6 * statistics.median(cpu[side]) / (batch * args.new_tokens), 1)
+                                   for side in (*decoders, "hf")}
         row["matmul_only_tokens_per_s"] = round(rate["floor"], 1)
         row["first_call_s"] = {side: round(first[side][0], 3) for side in (*decoders, "hf")}
         row["tokens_match"] = {side: first[side][1] == hf_tokens for side in decoders}

@@ -25,9 +25,11 @@ step runs over the first B rows, a view. A fixed batch (`generate`, `stream`) is
 every row joins at step 0.
 
 Speed is a mode of the same forward pass, not a second one: `for_decoding(model)` lays each
-linear layer's weight out once for the kernels that read it fastest (see DecodingLinear), and
-everything runs under inference_mode. One sampler, `choose_tokens`, serves the library and the
-server: temperature, top-k, top-p, a seed per request, log-probabilities.
+linear layer's weight out once for the kernels that read it fastest (see DecodingLinear) and
+calls every module straight through its forward (see _called_directly: at batch 1 a small
+model's step is as much Python as kernels), and everything runs under inference_mode. One
+sampler, `choose_tokens`, serves the library and the server: temperature, top-k, top-p, a seed
+per request, log-probabilities.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import random
 from collections.abc import Iterable, Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn as nn
@@ -70,32 +73,39 @@ class DecodingLinear(nn.Module):
     Decoding is almost all matrix products of a few rows by the weights, and on a CPU the
     layout decides their speed (bench/decode.py): one row (batch-1 decoding) reads a weight
     stored (in, out) fastest, several rows go fastest through oneDNN with a prepacked weight.
-    So a CPU float32 weight is kept in both layouts; elsewhere (a GPU) F.linear as it is.
-    The weights are copies: rebuild (for_decoding) after the model's weights change.
+    So a CPU weight is stored (in, out) and a float32 one is also prepacked; elsewhere (a GPU)
+    the weight is used as it is. One row, x (1, 1, in), is multiplied as a batch of one
+    (bmm on the (1, in, out) view): the same kernel and bits as F.linear, without its reshaping
+    of x and transposing of the weight on every call. The weights are copies: rebuild
+    (for_decoding) after the model's weights change.
     """
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         weight = linear.weight.detach()
-        self.weight, self.bias = weight, None if linear.bias is None else linear.bias.detach()
+        on_cpu = weight.device.type == "cpu"
         self.packed = _mkldnn_pack(weight)
-        self.input_major = weight.t().contiguous() if self.packed is not None else None
+        self.weight = weight.t().contiguous().t() if on_cpu else weight   # (out, in), stored (in, out) on a CPU
+        self.bias = None if linear.bias is None else linear.bias.detach()
+        self.one_row = (1, 1, weight.size(1)) if on_cpu else None           # x's shape for the bmm path
+        self.batched = self.weight.t().unsqueeze(0)                          # (1, in, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape == self.one_row:
+            if self.bias is None:
+                return torch.bmm(x, self.batched)
+            return torch.baddbmm(self.bias, x, self.batched)
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
-        if x.numel() == x.size(-1):                                  # one row
-            if self.bias is None:
-                return torch.matmul(x, self.input_major)
-            return torch.addmm(self.bias, x.view(1, -1), self.input_major).view(*x.shape[:-1], -1)
         rows = x.reshape(-1, x.size(-1))
         y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
         return y.view(*x.shape[:-1], y.size(-1))
 
 
 def for_decoding(model: GPT) -> GPT:
-    """The model in eval mode with every linear layer a DecodingLinear: a copy of its modules
-    sharing all its parameters, so the model itself stays trainable. Idempotent."""
+    """The model in eval mode with every linear layer a DecodingLinear and every module called
+    straight through its forward (see _called_directly): a copy of its modules sharing all its
+    parameters, so the model itself stays trainable. Idempotent."""
     if getattr(model, "decoding", False):
         return model
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
@@ -104,8 +114,37 @@ def for_decoding(model: GPT) -> GPT:
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, name, DecodingLinear(child))
+            elif isinstance(child, nn.Dropout):         # the identity in eval mode, without the call
+                setattr(module, name, nn.Identity())
+    for module in fast.modules():
+        _called_directly(module)
     fast.decoding = True
     return fast
+
+
+# The modules whose forward is one functional call: called as the ATen op that call ends in (the
+# same kernel, without the wrapper's checks for overrides and options the model does not use).
+_ATEN_FORWARD = {
+    nn.LayerNorm: lambda self, x: torch.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps),
+    nn.RMSNorm: lambda self, x: torch.rms_norm(x, self.normalized_shape, self.weight, self.eps),
+    nn.Embedding: lambda self, ids: torch.embedding(self.weight, ids),
+}
+_DIRECT_CLASSES: dict[type, type] = {}
+
+
+def _called_directly(module: nn.Module) -> None:
+    """`module(...)` runs its forward and nothing else, and its parameters, buffers and child
+    modules become plain attributes. A decoding step of a small model calls some forty modules,
+    and nn.Module's call (hook dispatch: two Python frames) and attribute lookup (a failed
+    lookup, then __getattr__) cost about as much as their kernels (bench/decode.py). The
+    decoding copy has no hooks, and its modules stay as for_decoding built them."""
+    cls = type(module)
+    if cls not in _DIRECT_CLASSES:
+        call = _ATEN_FORWARD.get(cls, cls.forward)
+        _DIRECT_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": call, "__module__": cls.__module__,
+                                                           "__qualname__": cls.__qualname__})
+    module.__class__ = _DIRECT_CLASSES[cls]
+    module.__dict__.update({**module._parameters, **module._buffers, **module._modules})
 
 
 # --- sampling -----------------------------------------------------------------------------------
@@ -135,7 +174,7 @@ class Sampling:
         if not 0 <= self.top_logprobs <= vocab_size:
             raise ValueError(f"top_logprobs must be in [0, {vocab_size}], got {self.top_logprobs}")
 
-    @property
+    @cached_property  # read for every row at every step
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_p == 0.0 or self.top_k == 1
 
@@ -145,7 +184,12 @@ def choose_tokens(logits: torch.Tensor, samplings: Seq[Sampling], uniforms: Seq[
     their temperature-scaled distribution cut to the top_k likeliest, then to the smallest set
     whose mass reaches top_p. uniforms: one number in [0, 1) per row (unused by greedy rows),
     from each request's own generator, so a seeded request's tokens are its own."""
-    tokens = logits.argmax(dim=-1).tolist()
+    return chosen_ids(logits, samplings, uniforms).tolist()
+
+
+def chosen_ids(logits: torch.Tensor, samplings: Seq[Sampling], uniforms: Seq[float]) -> torch.Tensor:
+    """choose_tokens' tokens as a tensor (N,) on the logits' device: the engine feeds them back in."""
+    tokens = logits.argmax(dim=-1)
     sampled = [j for j, s in enumerate(samplings) if not s.greedy]
     if not sampled:
         return tokens
@@ -168,8 +212,7 @@ def choose_tokens(logits: torch.Tensor, samplings: Seq[Sampling], uniforms: Seq[
     uniform = torch.tensor([uniforms[j] for j in sampled], device=device, dtype=cdf.dtype)
     target = uniform[:, None] * cdf[:, -1:] * (1 - 2 ** -20)
     picks = torch.searchsorted(cdf, target, side="right").squeeze(-1).clamp_(max=cdf.size(-1) - 1)
-    for n, token in enumerate(picks.tolist()):
-        tokens[sampled[n]] = token
+    tokens[torch.tensor(sampled, device=device)] = picks
     return tokens
 
 
@@ -204,6 +247,7 @@ class Sequence:
     length: int = 0                    # tokens in the cache
     last_token: int = -1               # sampled, not yet fed back in
     produced: int = 0                  # output tokens so far (stop tokens not counted)
+    limit: int = 0                     # the most it may produce: max_tokens, or what the context leaves
 
 
 @dataclass
@@ -230,6 +274,7 @@ class Engine:
         weight = model.tok_emb.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.rows: list[Sequence] = []            # row i lives in cache row i
+        self._fed: torch.Tensor | None = None     # the rows' last tokens (B, 1), when the last step left them so
         self.cache = KVCache(c, max_batch_size, 0, device=self.device, dtype=self.dtype)
         self.rng = random.Random(seed)
 
@@ -257,7 +302,8 @@ class Engine:
     def reset(self) -> None:
         """Forget every running request (after a failure: the cache may be half-written)."""
         self.rows.clear()
-        self.cache.lengths.zero_()
+        self._fed = None
+        self.cache.lengths[:] = [0] * self.max_batch_size
 
     def _reserve(self, slots: int) -> None:
         """Grow the cache to hold `slots` tokens per row (doubling, capped at the context):
@@ -268,12 +314,13 @@ class Engine:
                                                              self.config.context_length),
                         device=self.device, dtype=self.dtype)
         grown.kv[..., :self.cache.slots, :] = self.cache.kv
-        grown.lengths.copy_(self.cache.lengths)
+        grown.lengths[:] = self.cache.lengths
         self.cache = grown
 
     def _remove(self, i: int) -> None:
         """Free row i, moving the last row into its place so that rows stay packed."""
         last = len(self.rows) - 1
+        self._fed = None
         if i != last:
             n = self.rows[last].length
             self.cache.kv[:, :, i, :, :n] = self.cache.kv[:, :, last, :, :n]
@@ -297,6 +344,7 @@ class Engine:
                 raise ValueError(f"prompt of {len(seq.prompt)} tokens; must be 1..{context}")
             if seq.sampling.seed is not None:
                 seq.rng = random.Random(seq.sampling.seed)
+            seq.limit = min(seq.sampling.max_tokens, room_for_new_tokens(len(seq.prompt), context))
         first = len(self.rows)
         self.rows.extend(sequences)
         # Right-padded to the longest: causal attention means a real token never sees the padding
@@ -307,20 +355,23 @@ class Engine:
         tokens = torch.tensor([s.prompt + [0] * (T - len(s.prompt)) for s in sequences], device=self.device)
         rows = self.cache.rows(first, first + len(sequences))
         last = torch.tensor(lengths, device=self.device) - 1
-        logits = self.model(tokens, cache=rows, logits_at=last).logits[:, 0]
-        rows.lengths.copy_(torch.tensor(lengths))
+        logits = self.model(tokens, cache=rows, logits_at=last).logits.squeeze(1)
+        self.cache.lengths[first:first + len(sequences)] = lengths
         for seq in sequences:
             seq.length = len(seq.prompt)
         return self._sample_and_retire(logits, list(range(first, first + len(sequences))))
 
-    @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
         """One new token for every running request."""
+        if not torch.is_inference_mode_enabled():  # the cache is an inference tensor (see add)
+            with torch.inference_mode():
+                return self.step()
         if not self.rows:
             return []
         self._reserve(max(r.length for r in self.rows) + 1)
-        tokens = torch.tensor([[r.last_token] for r in self.rows], device=self.device)
-        logits = self.model(tokens, cache=self.cache.rows(0, len(self.rows))).logits[:, 0]
+        tokens = self._fed if self._fed is not None else torch.tensor([[r.last_token] for r in self.rows],
+                                                                      device=self.device)
+        logits = self.model(tokens, cache=self.cache.rows(0, len(self.rows))).logits.squeeze(1)
         for row in self.rows:
             row.length += 1
         return self._sample_and_retire(logits, list(range(len(self.rows))))
@@ -332,7 +383,10 @@ class Engine:
         if self.vocab_limit is not None:
             logits[:, self.vocab_limit:] = float("-inf")
         uniforms = [(r.rng or self.rng).random() if not r.sampling.greedy else 0.0 for r in rows]
-        tokens = choose_tokens(logits, [r.sampling for r in rows], uniforms)
+        ids = chosen_ids(logits, [r.sampling for r in rows], uniforms)
+        tokens = ids.tolist()
+        # Every row continues with these tokens unless one finishes: the next step feeds them as they are.
+        self._fed = ids[:, None] if len(row_ids) == len(self.rows) else None
         lp_rows = [j for j, r in enumerate(rows) if r.sampling.logprobs or r.sampling.top_logprobs]
         chosen_lp, tops = {}, {}
         if lp_rows:
@@ -350,8 +404,7 @@ class Engine:
             row.last_token = token
             row.produced += 1
             event = TokenEvent(row.uid, token, logprob=chosen_lp.get(j), top=tops.get(j, []))
-            if row.produced >= min(row.sampling.max_tokens, room_for_new_tokens(len(row.prompt),
-                                                                                self.config.context_length)):
+            if row.produced >= row.limit:
                 event.finish_reason = "length"
                 finished.append(row_index)
             events.append(event)
@@ -479,14 +532,15 @@ def generate(model: GPT | Engine, prompts, max_new_tokens: int = 256, **options)
     done = [Completion(tokens=[], finish_reason="", prompt_tokens=len(p),
                        logprobs=[] if want_lp else None, top_logprobs=[] if want_top else None)
             for p in prompts]
-    for step in _steps(engine, prompts, sampling):
-        for row, token in enumerate(step.tokens):
-            if token is not None:
-                done[row].tokens.append(token)
-                if want_lp:
-                    done[row].logprobs.append(step.logprobs[row])
-                if want_top:
-                    done[row].top_logprobs.append(step.top_logprobs[row])
-            if step.finish_reasons[row] is not None:
-                done[row].finish_reason = step.finish_reasons[row]
+    with torch.inference_mode():  # once for the whole loop, not per step: no caller code runs inside it
+        for step in _steps(engine, prompts, sampling):
+            for row, token in enumerate(step.tokens):
+                if token is not None:
+                    done[row].tokens.append(token)
+                    if want_lp:
+                        done[row].logprobs.append(step.logprobs[row])
+                    if want_top:
+                        done[row].top_logprobs.append(step.top_logprobs[row])
+                if step.finish_reasons[row] is not None:
+                    done[row].finish_reason = step.finish_reasons[row]
     return done

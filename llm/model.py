@@ -211,7 +211,8 @@ def attention_with_probs(q, k, v, mask, dropout_p: float = 0.0):
 
 def attend(q, k, v, mask, dropout_p: float = 0.0):
     """softmax(q k^T / sqrt(D)) v, each query over the keys `mask` allows (None: causal, or every
-    key for a single query). q: (B, H, T, D); k, v: (B, Hkv, S, D), Hkv dividing H.
+    key for a single query), with the heads side by side. q: (B, H, T, D); k, v: (B, Hkv, S, D),
+    Hkv dividing H. Returns (B, T, H * D).
 
     The math is attention_with_probs'; this picks the kernel. A single query per row (decoding
     one token) is the common case of generation: the G query heads that share a key/value head
@@ -219,17 +220,19 @@ def attend(q, k, v, mask, dropout_p: float = 0.0):
     mask, three plain ops beat the fused kernel's masked path on CPU (bench/decode.py).
     """
     B, H, T, D = q.shape
-    Hkv = k.size(1)
+    Hkv = k.shape[1]
     if T == 1 and dropout_p == 0.0:
-        q = q.reshape(B, Hkv, H // Hkv, D)
+        if Hkv != H:
+            q = q.reshape(B, Hkv, H // Hkv, D)
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v)
         else:
             scores = (q @ k.transpose(-2, -1)) * D ** -0.5
             y = scores.masked_fill_(~mask, float("-inf")).softmax(dim=-1) @ v
-        return y.reshape(B, H, 1, D)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                          dropout_p=dropout_p, enable_gqa=Hkv != H)
+        return y.reshape(B, 1, H * D)  # (B, Hkv, G, D) holds each row's heads side by side
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                       dropout_p=dropout_p, enable_gqa=Hkv != H)
+    return y.transpose(1, 2).reshape(B, T, H * D)
 
 
 class Attention(nn.Module):
@@ -250,7 +253,7 @@ class Attention(nn.Module):
     def forward(self, x, rope, mask, return_attention: bool, cache: KVCache | None = None):
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)  # (B, H or Hkv, T, D)
+        q, k, v = qkv.split_with_sizes([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)  # (B, H or Hkv, T, D)
         if self.qk_norm:  # each head's queries and keys at unit RMS: logits cannot grow without bound
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:  # positions enter as a rotation of queries and keys, not as an added vector
@@ -268,9 +271,9 @@ class Attention(nn.Module):
                 S = k.size(2)
                 mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
             y, probs = attention_with_probs(q, k, v, mask, dropout_p)
+            y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         else:
             y = attend(q, k, v, mask, dropout_p)  # the fused kernel (flash attention on GPU)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return dropout(self.proj(y), dropout_p), probs
 
 
@@ -350,70 +353,86 @@ class KVCache:
 
     kv: (layer, key/value, row, kv head, slot, D). Row b's token t lives in slot t, so a slot is
     a position and rows may be at different lengths (a server's requests join at any step).
-    lengths is a CPU tensor: the Python side reads it every step to choose the cheap path, one
-    slice for all rows when they are level, and `rows(i, j)` views share both tensors.
+    lengths is a plain list: the Python side reads it every step to choose the cheap path, one
+    slice for all rows when they are level. A `rows(i, j)` view shares kv and the list, and its
+    rows are lengths[i:j].
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, slots: int, *, device=None, dtype=None):
         self.kv = torch.zeros(config.n_layer, 2, batch_size, config.n_kv_head, slots, config.head_dim,
                               device=device, dtype=dtype)
-        self.lengths = torch.zeros(batch_size, dtype=torch.long)
+        self.lengths = [0] * batch_size    # tokens each row holds; rows(i, j) views share the list
+        self._rows = slice(0, batch_size)  # which of `lengths` are this cache's rows
         self.slot_ids = torch.arange(slots, device=device)  # slot i's position is i
-        self._start: int | None = None     # this forward's first slot when every row has the same length
-        self._ends: list[int] = []          # each row's length after this forward
-        self._end = 0                       # the longest of them
+        self._by_layer = self.kv.flatten(0, 1)  # (2 * layer, ...): layer i's keys at 2i, its values at 2i + 1
+        # This forward's state, set by positions_and_mask:
+        self._start: int | None = None     # its first slot when every row has the same length
+        self._ends: list[int] = []          # each row's length after it
+        self._held: tuple[torch.Tensor, ...] = ()   # per layer, keys then values: the slots it reads (B, Hkv, S, D)
+        self._new: tuple[torch.Tensor, ...] = ()    # the same for the slots it writes, when the rows are level
+        self._views: dict[tuple[int, int], KVCache] = {}
 
     @property
     def slots(self) -> int:
         return self.kv.size(4)
 
     def rows(self, first: int, stop: int) -> KVCache:
-        """A cache over rows first..stop-1 of this one: writes to either show in both."""
-        view = KVCache.__new__(KVCache)
-        view.kv, view.lengths, view.slot_ids = self.kv[:, :, first:stop], self.lengths[first:stop], self.slot_ids
-        view._start, view._ends, view._end = None, [], 0
+        """A cache over rows first..stop-1 of this one: writes to either show in both. Kept for
+        the next call with the same rows (a server's step asks for the running rows each time)."""
+        view = self._views.get((first, stop))
+        if view is None:
+            view = KVCache.__new__(KVCache)
+            view.kv, view.lengths, view.slot_ids = self.kv[:, :, first:stop], self.lengths, self.slot_ids
+            view._rows = slice(self._rows.start + first, self._rows.start + stop)
+            view._by_layer = view.kv.flatten(0, 1)
+            view._start, view._ends, view._held, view._new, view._views = None, [], (), (), {}
+            self._views[(first, stop)] = view
         return view
 
     def positions_and_mask(self, T: int):
         """Positions of the T new tokens, (T,) or (B, T), and the mask (B or 1, 1, T, S) of the
         slots each may attend to (None: plain causal, or every slot held for a single token).
         Called once per forward, before the layers write."""
-        starts = self.lengths.tolist()
-        ends = [s + T for s in starts]
-        if max(ends) > self.slots:
+        starts = self.lengths[self._rows]
+        end = max(starts) + T
+        if end > self.slots:
             raise ValueError(f"the cache holds {self.slots} tokens per row; {max(starts)} + {T} new ones do not fit")
-        self._ends, self._end = ends, max(ends)
+        self._ends = [s + T for s in starts]
+        # Every layer's keys and values up to the longest row (and, for level rows, the slots
+        # written), viewed here once for all layers: two calls instead of several per layer.
+        self._held = self._by_layer.narrow(3, 0, end).unbind(0)
         self._start = starts[0] if min(starts) == max(starts) else None
         if self._start is not None:
+            self._new = self._by_layer.narrow(3, self._start, T).unbind(0)
             positions = self.slot_ids.narrow(0, self._start, T)
             if T == 1 or self._start == 0:
                 return positions, None
-            slots = self.slot_ids.narrow(0, 0, self._end)
+            slots = self.slot_ids.narrow(0, 0, end)
             return positions, (slots[None, :] <= positions[:, None])[None, None]
         positions = torch.tensor(starts, device=self.kv.device)[:, None] + self.slot_ids.narrow(0, 0, T)
-        slots = self.slot_ids.narrow(0, 0, self._end)
+        slots = self.slot_ids.narrow(0, 0, end)
         return positions, (slots[None, None, :] <= positions[:, :, None]).unsqueeze(1)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new keys and values (B, Hkv, T, D) of `layer`; return all the rows hold
         (B, Hkv, S, D), S the longest row's length: views, no copy."""
-        T, end = k.size(2), self._end
-        keys, values = self.kv[layer, 0], self.kv[layer, 1]
-        if self._start is not None:                           # level rows: one slice
-            keys.narrow(2, self._start, T).copy_(k)
-            values.narrow(2, self._start, T).copy_(v)
-        elif T == 1:                                          # one token per row, each at its slot
+        keys, values = self._held[2 * layer], self._held[2 * layer + 1]
+        if self._start is not None:                           # level rows: the same new slots in each
+            self._new[2 * layer].copy_(k)
+            self._new[2 * layer + 1].copy_(v)
+        elif k.size(2) == 1:                                  # one token per row, each at its slot
             rows, slots = torch.arange(k.size(0), device=k.device), torch.tensor(self._ends, device=k.device) - 1
             keys[rows, :, slots] = k[:, :, 0]
             values[rows, :, slots] = v[:, :, 0]
         else:
+            T = k.size(2)
             for b, row_end in enumerate(self._ends):
                 keys[b, :, row_end - T:row_end] = k[b]
                 values[b, :, row_end - T:row_end] = v[b]
-        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
+        return keys, values
 
     def advance(self, T: int) -> None:
-        self.lengths += T
+        self.lengths[self._rows] = self._ends
 
 
 # --- the model ----------------------------------------------------------------------------------

@@ -37,13 +37,18 @@ def test_pretrain_bench_trains_with_the_real_loop_and_keeps_its_report(tmp_path)
 
 def test_decode_bench_compares_sides_that_produce_the_same_tokens(tmp_path):
     out = tmp_path / "decode.json"
-    report = decode.main(["--new-tokens", "12", "--batch-sizes", "1,3", "--repeats", "1", "--out", str(out)])
+    # --baseline times another tree's generate.py beside ours: here this tree's own, so it must agree.
+    report = decode.main(["--new-tokens", "12", "--batch-sizes", "1,3", "--repeats", "1", "--out", str(out),
+                          "--baseline", str(ROOT / "llm" / "generate.py")])
     for batch in ("batch_1", "batch_3"):
         row = report[batch]
         # float32 on a CPU: ours and transformers' generate agree token for token.
-        assert row["tokens_match"] == {"ours": True}
+        assert row["tokens_match"] == {"ours": True, "baseline": True}
         assert row["ours_tokens_per_s"] > 0 and row["hf_tokens_per_s"] > 0 and row["matmul_only_tokens_per_s"] > 0
         assert row["ratio"] == pytest.approx(row["ours_tokens_per_s"] / row["hf_tokens_per_s"], rel=0.02)
+        assert row["baseline_ratio"] == pytest.approx(row["baseline_tokens_per_s"] / row["hf_tokens_per_s"], rel=0.02)
+        assert set(row["cpu_us_per_token"]) == {"ours", "baseline", "hf"}
+        assert all(us > 0 for us in row["cpu_us_per_token"].values())
     assert report["dtype"] == "float32" and json.loads(out.read_text()) == report
 
 

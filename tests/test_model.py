@@ -180,7 +180,7 @@ def test_feeding_a_sequence_in_pieces_through_a_cache_equals_one_pass(variant):
         pieces = [model(idx[:, :5], cache=cache).logits, model(idx[:, 5:6], cache=cache).logits,
                   model(idx[:, 6:20], cache=cache).logits]
         assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
-        assert cache.lengths.tolist() == [20, 20, 20]
+        assert cache.lengths == [20, 20, 20]
         # Rows at their own lengths (a server's batch): row b holds b + 2 tokens, then gets one more.
         ragged = KVCache(model.config, 3, 24)
         for b in range(3):
