@@ -14,7 +14,16 @@ import io
 import math
 from pathlib import Path
 
-from llm.experiments import Experiment, Measurement, Summary, attention_cost_finding, diverged_at, finding, summarize
+from llm.experiments import (
+    Experiment,
+    Measurement,
+    Summary,
+    attention_cost_finding,
+    diverged_at,
+    finding,
+    spread,
+    summarize,
+)
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf"]
@@ -121,7 +130,7 @@ def _accuracy_png(experiment: Experiment, summaries: list[Summary]) -> bytes:
                 continue
             xs = [x for x, _ in points]
             ys = [sum(v) / len(v) for _, v in points]
-            errors = [(max(v) - min(v)) / 2 for _, v in points]
+            errors = [spread(v) for _, v in points]
             ax.errorbar(xs, ys, yerr=errors, fmt=style, color=colour, capsize=3, label=f"{weights}, tune {mode}")
     ax.set_xscale("log")
     ax.set_xlabel("share of the labelled training data")
@@ -139,7 +148,7 @@ def _accuracy_png(experiment: Experiment, summaries: list[Summary]) -> bytes:
 
 def _accuracy_table(summaries: list[Summary]) -> list[list[str]]:
     def cell(values):
-        return f"{sum(values) / len(values):.2%} ± {(max(values) - min(values)) / 2:.2%}" if values else "–"
+        return f"{sum(values) / len(values):.2%} ± {spread(values):.2%}" if values else "–"
 
     rows = [["variant", "runs", "pretrained: test accuracy ± seed spread", "random init: test accuracy",
              "gain (points)", "per seed (pretrained)"]]

@@ -279,6 +279,11 @@ def early_loss(result: dict, fraction: float = 0.2) -> float | None:
     return max(window) if window else None
 
 
+def spread(values: list[float]) -> float:
+    """Half the range over seeds: the noise a difference must exceed (0 for one value or none)."""
+    return (max(values) - min(values)) / 2 if len(values) > 1 else 0.0
+
+
 @dataclass
 class Summary:
     """One variant over its seeds."""
@@ -309,7 +314,7 @@ class Summary:
     @property
     def val_spread(self) -> float:
         """Half the range over seeds: the noise a difference must exceed."""
-        return (max(self.val_loss) - min(self.val_loss)) / 2 if len(self.val_loss) > 1 else 0.0
+        return spread(self.val_loss)
 
     @property
     def gap(self) -> float | None:
@@ -449,16 +454,15 @@ def _bits_per_byte_finding(summaries: list[Summary]) -> str:
             continue
         if not s.bits_per_byte:
             continue
-        bpb = mean(s.bits_per_byte)
-        spread = (max(s.bits_per_byte) - min(s.bits_per_byte)) / 2
-        scored.append((bpb, spread, s))
+        bpb, noise = mean(s.bits_per_byte), spread(s.bits_per_byte)
+        scored.append((bpb, noise, s))
         extra = []
         if s.tokens_per_word is not None:
             extra.append(f"{s.tokens_per_word:.2f} tokens/word")
         if s.embedding_share is not None:
             extra.append(f"{s.embedding_share:.0%} of {s.parameters:,} parameters in embeddings" if s.parameters
                          else f"{s.embedding_share:.0%} of parameters in embeddings")
-        clauses.append(f"{s.label}: {bpb:.3f} bits/byte (±{spread:.3f})" + (f", {', '.join(extra)}" if extra else ""))
+        clauses.append(f"{s.label}: {bpb:.3f} bits/byte (±{noise:.3f})" + (f", {', '.join(extra)}" if extra else ""))
     if not clauses:
         return "no runs finished yet."
     text = "; ".join(clauses) + "."
