@@ -17,9 +17,13 @@ exactly as they are, while `dvc exp show` here lists the runs (their refs are pu
 their params and metrics. The prepared data (download, tokenizer, pack) comes from the DVC cache,
 prepared once in the clone if it is not up to date. Each run is the pretrain stage's own Prefect
 flow; in MLflow every experiment has one parent run ("experiment <name>") with a child per
-variant and seed. A finished run is kept in data/experiments/<name>/runs/ under a key of its
-params, code and data: a rerun reuses it, and a run killed half-way resumes with those kept. A
-variant that diverges is a result (the step and the loss where it did), not a crash.
+variant and seed. All the runs of one invocation share one queue (each experiment's report is
+written as soon as its runs are done). A finished run is kept in data/experiments/<name>/runs/
+under a key of its params, code and data: a rerun reuses it, and a run killed half-way resumes
+with those kept. A variant that diverges is a result (the step and the loss where it did), not a
+crash. Runs whose settings resolve to the same (several experiments' baselines are the base
+configuration itself) are queued with the same params, so DVC's run-cache restores the model
+trained for the first instead of training it again; their MLflow child says so (llm.restored_from).
 
 Output: data/experiments/<name>/report.md and report.html (plots embedded) and
 data/experiments/index.md / index.html with every experiment's one-sentence finding.
@@ -44,6 +48,7 @@ import yaml
 
 import flows  # noqa: F401  (environment defaults)
 from flows.params import Params, _describe
+from flows.run_id import PIPELINE_RUN_ENV
 from llm.diagnose import diagnose
 from llm.experiment_report import write_index, write_measurement_report, write_report
 from llm.experiments import (
@@ -61,12 +66,15 @@ from llm.files import read_json, read_yaml, write_json
 
 WORKSPACE = Path(".cache/experiments/workspace")
 OUT = Path("data/experiments")
-# FLOPs a second this small a model gets on 2 CPU cores (6 N per token; bench/pretrain.py order of
-# magnitude), and the fixed cost of one queued run (clone, checkout, Prefect flow, MLflow logging).
-EST_FLOPS = 1e11
-EST_OVERHEAD_S = 25.0
+# FLOPs a second this small a model gets on 2 CPU cores (6 N per token), the fixed cost of one
+# queued run (checkout, Python start, Prefect flow, MLflow, DVC commit) and a classify run's tuning:
+# measured on the base configuration (1.46M parameters: 10k tokens/s, runs 47 s apart).
+EST_FLOPS = 8e10
+EST_OVERHEAD_S = 12.0
+EST_CLASSIFY_S = 8.0
 DIVERGED = re.compile(r"training diverged at step (\d+): the ([a-z ]+) is ([-\w.]+)")
 EXP_TAG = "llm.experiment"
+RESTORED_TAG = "llm.restored_from"
 
 
 class ExperimentError(RuntimeError):
@@ -108,28 +116,51 @@ def token_budget(params: Params) -> int:
     return per_step * train.max_steps
 
 
+def resolved(params: Params, *, seeds: bool = True) -> dict:
+    """What a run computes, as the stages will resolve it: the model as built (a preset's default
+    spelled out or left null is the same model), the rest of the experiment's params as they are."""
+    settings = params.model_dump(mode="json", include={"pretrain", "tokenizer", "pack", "classify"})
+    settings["pretrain"]["model"] = params.pretrain.model.build().to_dict()
+    if not seeds:
+        settings["pretrain"]["train"].pop("seed")
+        settings["classify"].pop("seed")
+    return settings
+
+
+def needed(raw: dict, overrides: dict, params: Params) -> dict:
+    """`overrides` less the keys that change nothing once resolved (a baseline that spells out the
+    preset's own value). DVC compares params as written: without this, two experiments' identical
+    baselines would look different to it, and its run-cache could not restore one from the other."""
+    target, kept = resolved(params), dict(overrides)
+    for key in overrides:
+        trial = {k: v for k, v in kept.items() if k != key}
+        try:
+            if resolved(validate_params(raw, trial, "")) == target:
+                kept = trial
+        except (ExperimentError, ValueError):   # the key is needed to make the params valid at all
+            continue
+    return kept
+
+
 def plan(catalogue: Catalogue, raw_params: dict, experiments: list[Experiment]) -> list[PlannedRun]:
     """Every run of the chosen experiments, validated; raises ExperimentError naming the culprit."""
     runs = []
     for experiment in experiments:
         if isinstance(experiment, Measurement):   # a benchmark run: nothing to train or validate
             continue
-        pretrain_of = {}
+        settings_of = {}
         for variant in experiment.variants:
             where = f"{catalogue.path}: {experiment.name} / {variant.label}"
             for seed in experiment.seeds:
                 overrides = run_overrides(catalogue, experiment, variant, seed)
                 params = validate_params(raw_params, overrides, where)
-                runs.append(PlannedRun(experiment, variant, seed, params, overrides))
-            settings = runs[-1].params.model_dump(mode="json", include={"pretrain", "tokenizer", "classify"})
-            settings["pretrain"]["train"].pop("seed")
-            settings["classify"].pop("seed")
-            pretrain_of[variant.key] = settings
+                runs.append(PlannedRun(experiment, variant, seed, params, needed(raw_params, overrides, params)))
+            settings_of[variant.key] = resolved(runs[-1].params, seeds=False)
         for variant in experiment.variants:
             if variant.baseline:
                 continue
             base = next(v for v in experiment.variants if v.baseline and v.sweep_value == variant.sweep_value)
-            if pretrain_of[variant.key] == pretrain_of[base.key]:
+            if settings_of[variant.key] == settings_of[base.key]:
                 raise ExperimentError(f"{catalogue.path}: {experiment.name} / {variant.label}: identical to the "
                                       f"baseline {base.label!r} once applied: it would measure nothing")
         budgets = {r.variant.label: token_budget(r.params) for r in runs if r.experiment is experiment}
@@ -140,15 +171,24 @@ def plan(catalogue: Catalogue, raw_params: dict, experiments: list[Experiment]) 
     return runs
 
 
-def estimate_seconds(runs: list[PlannedRun], experiment: Experiment | Measurement | None = None) -> float:
+def estimate_seconds(runs: list[PlannedRun], experiment: Experiment | Measurement | None = None,
+                     trained: set[str] | None = None) -> float:
+    """Seconds on 2 CPU cores. A run whose pretrain settings an earlier one had (in `trained`, which
+    this adds to) costs only the overhead: DVC's run-cache restores its model instead of training it."""
     from llm.model import num_params
 
+    trained = set() if trained is None else trained
     total = experiment.estimate_s if isinstance(experiment, Measurement) else 0.0
     for r in runs:
+        total += EST_OVERHEAD_S + (EST_CLASSIFY_S if r.experiment.stage == "classify" else 0.0)
+        pretrain = json.dumps({k: v for k, v in r.overrides.items() if not k.startswith("classify.")}, sort_keys=True)
+        if pretrain in trained:
+            continue
+        trained.add(pretrain)
         config = r.params.pretrain.model.build()
         if r.params.pretrain.model.vocab_size is None:
             config.vocab_size = r.params.tokenizer.vocab_size
-        total += EST_OVERHEAD_S + 6 * num_params(config) * token_budget(r.params) / EST_FLOPS
+        total += 6 * num_params(config) * token_budget(r.params) / EST_FLOPS
     return total
 
 
@@ -244,14 +284,18 @@ def prepare_data(ws: Path, env: dict, log) -> None:
 
 # --- MLflow: one parent run per experiment --------------------------------------------------------
 
-def mlflow_parent(params: Params, experiment: Experiment | Measurement, root: Path) -> tuple[str, str]:
-    """(parent run id, pipeline-run id): stages run with that id nest under the parent."""
+def tracking():
     from mlflow.tracking import MlflowClient
 
-    from flows._stage import PIPELINE_TAG, STAGE_TAG, _experiment_id
     from flows.environment import mlflow_tracking_uri
+    return MlflowClient(mlflow_tracking_uri(Path.cwd()))
 
-    client = MlflowClient(mlflow_tracking_uri(root))
+
+def mlflow_parent(params: Params, experiment: Experiment | Measurement) -> tuple[str, str]:
+    """(parent run id, pipeline-run id) of the experiment's one parent run in MLflow."""
+    from flows._stage import PIPELINE_TAG, STAGE_TAG, _experiment_id
+
+    client = tracking()
     experiment_id = _experiment_id(client, params.project.experiment)
     pipeline_id = f"experiment-{experiment.name}"
     found = client.search_runs([experiment_id], filter_string=f"tags.`{PIPELINE_TAG}` = '{pipeline_id}' "
@@ -265,29 +309,59 @@ def mlflow_parent(params: Params, experiment: Experiment | Measurement, root: Pa
     return parent.info.run_id, pipeline_id
 
 
-def mlflow_child(run: PlannedRun, root: Path):
-    """The pretrain stage's MLflow run of this DVC experiment (tagged with its name by flows/_stage.py)."""
-    from mlflow.tracking import MlflowClient
-
-    from flows.environment import mlflow_tracking_uri
-
-    client = MlflowClient(mlflow_tracking_uri(root))
+def stage_runs(run: PlannedRun) -> list:
+    """The MLflow runs of this DVC experiment's stages, newest first (flows/_stage.py tags them
+    with its name); none when DVC's run-cache restored every stage instead of running it."""
+    client = tracking()
     experiment = client.get_experiment_by_name(run.params.project.experiment)
     if experiment is None:
-        return client, None
-    found = client.search_runs([experiment.experiment_id], filter_string=f"tags.`dvc.exp_name` = '{run.name}'",
-                               order_by=["attributes.start_time DESC"], max_results=1)
-    return client, (found[0] if found else None)
+        return []
+    return client.search_runs([experiment.experiment_id], filter_string=f"tags.`dvc.exp_name` = '{run.name}'",
+                              order_by=["attributes.start_time DESC"])
 
 
-def label_child(run: PlannedRun, root: Path) -> str | None:
-    client, child = mlflow_child(run, root)
-    if child is None:
-        return None
-    client.set_tag(child.info.run_id, "mlflow.runName", f"{run.variant.label} (seed {run.seed})")
+def mlflow_child(run: PlannedRun):
+    """The MLflow run of the stage this experiment measures, if that stage ran."""
+    from flows._stage import STAGE_TAG
+
+    return next((r for r in stage_runs(run) if r.data.tags.get(STAGE_TAG) == run.experiment.stage), None)
+
+
+def file_child(run: PlannedRun, metrics: dict, train, val) -> tuple[str | None, bool]:
+    """File the run's stage runs under its experiment's parent (queued together, they ran under a
+    holding parent) and label the measured one; a run DVC restored from its run-cache gets a child
+    holding the restored metrics and curves, tagged as such, so every variant and seed has one."""
+    from mlflow.entities import Metric, Param
+
+    from flows._stage import PIPELINE_TAG, STAGE_TAG
+
+    client = tracking()
+    parent_id, pipeline_id = mlflow_parent(run.params, run.experiment)
+    for stage_run in stage_runs(run):
+        client.set_tag(stage_run.info.run_id, "mlflow.parentRunId", parent_id)
+        client.set_tag(stage_run.info.run_id, PIPELINE_TAG, pipeline_id)
+    child = mlflow_child(run)
+    if child is not None:
+        child_id = child.info.run_id
+    elif not metrics:   # failed before its stage ran: nothing to show
+        return None, False
+    else:
+        experiment_id = client.get_experiment_by_name(run.params.project.experiment).experiment_id
+        child_id = client.create_run(experiment_id, tags={
+            "mlflow.parentRunId": parent_id, PIPELINE_TAG: pipeline_id, STAGE_TAG: run.experiment.stage,
+            "dvc.exp_name": run.name, RESTORED_TAG: "DVC's run-cache: these params, code and data were "
+            "trained before; the model, metrics and curves are that run's"}).info.run_id
+        now = int(time.time() * 1000)
+        points = [Metric(k, float(v), now, 0) for k, v in metrics.items() if isinstance(v, (int, float))]
+        points += [Metric("loss", v, now, int(s)) for s, v in train] + [Metric("val_loss", v, now, int(s)) for s, v in val]
+        for i in range(0, len(points), 1000):   # MLflow takes at most 1000 metrics a call
+            client.log_batch(child_id, metrics=points[i:i + 1000],
+                             params=[Param(k, str(v)) for k, v in run.overrides.items()] if i == 0 else [])
+        client.set_terminated(child_id, "FINISHED")
+    client.set_tag(child_id, "mlflow.runName", f"{run.variant.label} (seed {run.seed})")
     for k, v in {EXP_TAG: run.experiment.name, "llm.variant": run.variant.label, "llm.seed": str(run.seed)}.items():
-        client.set_tag(child.info.run_id, k, v)
-    return child.info.run_id
+        client.set_tag(child_id, k, v)
+    return child_id, child is None
 
 
 # --- collecting a run's result from its own files -------------------------------------------------------
@@ -309,7 +383,7 @@ def exp_ref(ws: Path, name: str) -> str | None:
     return None
 
 
-def collect_finished(run: PlannedRun, ws: Path, rev: str, root: Path) -> dict:
+def collect_finished(run: PlannedRun, ws: Path, rev: str) -> dict:
     run.folder.mkdir(parents=True, exist_ok=True)
     files = {}
     names = ("metrics.json", "curves/train.csv", "curves/val.csv") if run.experiment.stage == "pretrain" else ("metrics.json",)
@@ -321,37 +395,37 @@ def collect_finished(run: PlannedRun, ws: Path, rev: str, root: Path) -> dict:
     train, val = [], []
     if "curves/train.csv" in files:
         train, val = read_curve(files["curves/train.csv"], "loss"), read_curve(files["curves/val.csv"], "val_loss")
-    return _result(run, "finished", train, val, metrics, None, rev, root)
+    return _result(run, "finished", train, val, metrics, None, rev)
 
 
-def collect_failed(run: PlannedRun, ws: Path, env: dict, root: Path) -> dict:
+def collect_failed(run: PlannedRun, ws: Path, env: dict) -> dict:
     """A run without an experiment commit: diverged (a result), or failed (an error to show)."""
     logs = sh([dvc_bin(), "queue", "logs", run.name], ws, env, check=False)
     text = logs.stdout + logs.stderr
     match = DIVERGED.search(text)
-    client, child = mlflow_child(run, root)
+    client, child = tracking(), mlflow_child(run)
     train, val = [], []
     if child is not None:
         train = [(m.step, m.value) for m in client.get_metric_history(child.info.run_id, "loss")]
         val = [(m.step, m.value) for m in client.get_metric_history(child.info.run_id, "val_loss")]
     if match is None:
         tail = "\n".join(line for line in text.splitlines() if "error" in line.lower())[-1500:] or text[-1500:]
-        return _result(run, "failed", train, val, {}, None, None, root, error=tail)
+        return _result(run, "failed", train, val, {}, None, None, error=tail)
     finite = [v for _, v in sorted(train) if math.isfinite(v)]
     diverged = {"step": int(match.group(1)), "what": match.group(2), "value": match.group(3).rstrip("."),
                 "last_loss": finite[-1] if finite else None}
-    return _result(run, "diverged", train, val, {}, diverged, None, root)
+    return _result(run, "diverged", train, val, {}, diverged, None)
 
 
-def _result(run: PlannedRun, status: str, train, val, metrics: dict, diverged, rev, root: Path, error: str = "") -> dict:
+def _result(run: PlannedRun, status: str, train, val, metrics: dict, diverged, rev, error: str = "") -> dict:
     finite_train = [(s, v) for s, v in train if math.isfinite(v)]
     diagnosis = diagnose(finite_train, [(s, v) for s, v in val if math.isfinite(v)]) if finite_train else None
     result = {"experiment": run.experiment.name, "variant": run.variant.key, "label": run.variant.label,
               "seed": run.seed, "key": run.key, "status": status, "exp_name": run.name, "exp_rev": rev,
               "overrides": run.overrides, "metrics": metrics, "diverged": diverged, "error": error,
               "train": [list(p) for p in train], "val": [list(p) for p in val],
-              "diagnosis": [vars(f) for f in diagnosis.findings] if diagnosis else [],
-              "mlflow_run_id": label_child(run, root)}
+              "diagnosis": [vars(f) for f in diagnosis.findings] if diagnosis else []}
+    result["mlflow_run_id"], result["restored"] = file_child(run, metrics, train, val)
     run.folder.mkdir(parents=True, exist_ok=True)
     write_json(run.folder / "result.json", result)
     return result
@@ -359,12 +433,37 @@ def _result(run: PlannedRun, status: str, train, val, metrics: dict, diverged, r
 
 # --- running ------------------------------------------------------------------------------------------
 
-def queue_runs(runs: list[PlannedRun], ws: Path, env: dict) -> None:
-    for run in runs:
+QUEUE_POLL_S = 5.0
+QUEUE_RESTARTS = 3
+HOLDING_PARENT = "experiments-queue"   # the pipeline id runs log under until filed under their experiment
+
+
+def queue_status(ws: Path, env: dict) -> tuple[dict[str, str], int]:
+    """({run name: Queued/Running/Success/Failed}, workers alive) as `dvc queue status` reports them."""
+    text = sh([dvc_bin(), "queue", "status"], ws, env, check=False).stdout
+    status = {m.group(1): m.group(2) for m in re.finditer(r"(?m)^\w+\s+(\S+)\s+.*?\s(Queued|Running|Success|Failed)\s*$", text)}
+    workers = re.search(r"Worker status: (\d+) active, (\d+) idle", text)
+    return status, (int(workers.group(1)) + int(workers.group(2))) if workers else 0
+
+
+def start_queue(runs: list[PlannedRun], ws: Path, env: dict, log) -> None:
+    """Queue every run not yet finished, all experiments together, and start one worker: one queue
+    rather than one per experiment spares each experiment the queue's start and drain."""
+    # a runner killed half-way may have left queue workers and entries behind: start clean (a stop
+    # with no worker to receive it would linger in DVC's file broker and end the next one)
+    if queue_status(ws, env)[1]:
+        sh([dvc_bin(), "queue", "stop", "--kill"], ws, env, check=False)
+    sh([dvc_bin(), "queue", "remove", "--queued", "--failed"], ws, env, check=False)
+    queued = [run for run in runs if exp_ref(ws, run.name) is None]   # with a ref: finished before a kill
+    for i, run in enumerate(queued, 1):
         sets = []
         for key, value in run.overrides.items():
             sets += ["-S", f"++{key}={_yaml(value)}"]   # ++: set, whether params.yaml has the key or not
         sh([dvc_bin(), "exp", "run", "--queue", "--name", run.name, *sets, run.experiment.stage], ws, env)
+        if i % 10 == 0 or i == len(queued):
+            log(f"queued {i}/{len(queued)} runs")
+    if queued:
+        sh([dvc_bin(), "queue", "start", "--jobs", "1"], ws, env)
 
 
 def _yaml(value) -> str:
@@ -375,90 +474,107 @@ def _yaml(value) -> str:
     return str(value)
 
 
-QUEUE_POLL_S = 5.0
-QUEUE_RESTARTS = 3
-
-
-def queue_state(ws: Path, env: dict) -> tuple[int, int]:
-    """(runs queued or running, workers alive) as `dvc queue status` reports them."""
-    text = sh([dvc_bin(), "queue", "status"], ws, env, check=False).stdout
-    pending = sum(1 for line in text.splitlines() if re.search(r"\s(Queued|Running)\s*$", line))
-    workers = re.search(r"Worker status: (\d+) active, (\d+) idle", text)
-    return pending, (int(workers.group(1)) + int(workers.group(2))) if workers else 0
-
-
-def work_through_queue(ws: Path, env: dict, log) -> None:
-    """One worker runs the queued experiments in turn. If it stops while runs are left (a stale
-    stop message in DVC's file broker ends a worker after one run), another is started: waiting
-    on `dvc exp run --run-all` would then wait forever."""
+def keep_queue_working(status: dict[str, str], workers: int, ws: Path, env: dict, log, watch: dict) -> None:
+    """Start another worker when the one running stopped with runs left (a stale stop message in
+    DVC's file broker ends a worker after one run): waiting on the queue would then wait forever."""
+    pending = sum(1 for s in status.values() if s in ("Queued", "Running"))
+    watch["idle"] = watch.get("idle", 0) + 1 if pending and not workers else 0
+    if watch["idle"] < 2:   # a worker just started may not show yet
+        return
+    watch["restarts"] = watch.get("restarts", 0) + 1
+    if watch["restarts"] > QUEUE_RESTARTS:
+        raise ExperimentError(f"DVC's queue worker in {ws} stopped {watch['restarts']} times with {pending} runs "
+                              "left; see `dvc queue status` and `dvc queue logs NAME` there")
+    log(f"the queue's worker stopped with {pending} runs left: starting another")
     sh([dvc_bin(), "queue", "start", "--jobs", "1"], ws, env)
-    restarts, idle_polls = 0, 0
-    while True:
-        time.sleep(QUEUE_POLL_S)
-        pending, workers = queue_state(ws, env)
-        if not pending:
-            return
-        idle_polls = idle_polls + 1 if not workers else 0
-        if idle_polls < 2:   # a worker just started may not show yet
-            continue
-        restarts += 1
-        if restarts > QUEUE_RESTARTS:
-            raise ExperimentError(f"DVC's queue worker in {ws} stopped {restarts} times with {pending} runs "
-                                  "left; see `dvc queue status` and `dvc queue logs NAME` there")
-        log(f"the queue's worker stopped with {pending} runs left: starting another")
-        sh([dvc_bin(), "queue", "start", "--jobs", "1"], ws, env)
-        idle_polls = 0
+    watch["idle"] = 0
 
 
-def run_experiment(experiment: Experiment, runs: list[PlannedRun], root: Path, ws: Path | None,
-                   env: dict, log, command: str) -> dict:
-    started = time.time()
-    results, todo = [], []
-    for run in runs:
-        kept = finished(run)
-        if kept is not None:
-            results.append(kept)
-        else:
-            todo.append(run)
-    log(f"{experiment.name}: {len(runs)} runs, {len(runs) - len(todo)} kept from earlier, {len(todo)} to run")
-    if todo:
-        assert ws is not None
-        parent_id, pipeline_id = mlflow_parent(runs[0].params, experiment, root)
-        env = {**env, "LLM_PIPELINE_RUN_ID": pipeline_id}
-        # a runner killed half-way may have left queue workers and entries behind: start clean (a
-        # stop with no worker to receive it would linger in DVC's file broker and end the next one)
-        if queue_state(ws, env)[1]:
-            sh([dvc_bin(), "queue", "stop", "--kill"], ws, env, check=False)
-        sh([dvc_bin(), "queue", "remove", "--queued", "--failed"], ws, env, check=False)
-        queued = []
-        for run in todo:
-            rev = exp_ref(ws, run.name)   # finished before a kill, not yet collected
-            if rev is None:
-                queue_runs([run], ws, env)
-                queued.append(run)
-        if queued:
-            log_file = OUT / experiment.name / "dvc-exp-run.log"
-            log_file.parent.mkdir(parents=True, exist_ok=True)
-            log(f"{experiment.name}: dvc queue start ({len(queued)} queued; output in {log_file})")
-            work_through_queue(ws, env, log)
-            with open(log_file, "a") as output:
-                for run in queued:
-                    output.write(sh([dvc_bin(), "queue", "logs", run.name], ws, env, check=False).stdout)
-        for run in todo:
+def collect_experiment(experiment: Experiment, runs: list[PlannedRun], ws: Path, env: dict, log) -> list[dict]:
+    """The results of an experiment's runs that the queue has finished with, and their DVC output."""
+    log_file = OUT / experiment.name / "dvc-exp-run.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    results = []
+    with open(log_file, "a") as output:
+        for run in runs:
+            output.write(sh([dvc_bin(), "queue", "logs", run.name], ws, env, check=False).stdout)
             rev = exp_ref(ws, run.name)
-            result = collect_finished(run, ws, rev, root) if rev else collect_failed(run, ws, env, root)
+            result = collect_finished(run, ws, rev) if rev else collect_failed(run, ws, env)
             results.append(result)
             shown = {k: v for k, v in result["metrics"].items() if k in ("val_loss", "test_accuracy")}
             log(f"  {run.variant.label} seed {run.seed}: {result['status']}"
+                + (" (restored by DVC's run-cache)" if result["restored"] else "")
                 + "".join(f" {k} {v:.3f}" for k, v in shown.items()))
-        # `dvc exp show` in the repository lists them: push the experiment refs back.
-        sh(["git", "push", "--quiet", "--force", str(root), "refs/exps/*:refs/exps/*"], ws, check=False)
+    return results
+
+
+def report_experiment(experiment: Experiment, results: list[dict], command: str, wall_s: float) -> dict:
     failed = [r for r in results if r["status"] == "failed"]
     entry = write_report(OUT / experiment.name, experiment, [r for r in results if r["status"] != "failed"],
-                         command=command, wall_s=time.time() - started)
+                         command=command, wall_s=wall_s)
     entry["failed"] = [f"{r['label']} seed {r['seed']}: {r['error']}" for r in failed]
     write_json(OUT / experiment.name / "summary.json", entry)
     return entry
+
+
+def run_experiments(experiments: list[Experiment], runs: list[PlannedRun], root: Path, ws: Path | None,
+                    env: dict, log, command: str) -> dict[str, dict]:
+    """Every run of these experiments through one DVC queue; each experiment's report is written as
+    soon as the queue is done with its runs (so reports appear while the rest still trains)."""
+    started = time.time()
+    kept = {e.name: [] for e in experiments}
+    todo = {e.name: [] for e in experiments}
+    for run in runs:
+        result = finished(run)
+        (kept[run.experiment.name].append(result) if result is not None else todo[run.experiment.name].append(run))
+    entries = {}
+    for experiment in experiments:
+        mine = todo[experiment.name]
+        log(f"{experiment.name}: {len(kept[experiment.name]) + len(mine)} runs, "
+            f"{len(kept[experiment.name])} kept from earlier, {len(mine)} to run")
+        if mine:
+            mlflow_parent(mine[0].params, experiment)
+        else:
+            entries[experiment.name] = report_experiment(experiment, kept[experiment.name], command, 0.0)
+    waiting = [e for e in experiments if todo[e.name]]
+    if not waiting:
+        return entries
+    assert ws is not None
+    start_queue([r for e in waiting for r in todo[e.name]], ws, env, log)
+    log(f"dvc queue start: {sum(len(todo[e.name]) for e in waiting)} runs; each experiment's DVC output goes "
+        f"to {OUT}/<name>/dvc-exp-run.log")
+    watch: dict = {}
+    while waiting:
+        time.sleep(QUEUE_POLL_S)
+        status, workers = queue_status(ws, env)
+        for experiment in list(waiting):
+            if any(status.get(r.name) in ("Queued", "Running") for r in todo[experiment.name]):
+                continue
+            results = kept[experiment.name] + collect_experiment(experiment, todo[experiment.name], ws, env, log)
+            entries[experiment.name] = report_experiment(experiment, results, command, time.time() - started)
+            log(f"{experiment.name}: {entries[experiment.name]['finding']}")
+            waiting.remove(experiment)
+        if waiting:
+            keep_queue_working(status, workers, ws, env, log, watch)
+    drop_holding_parent(runs[0].params)
+    # `dvc exp show` in the repository lists them: push the experiment refs back.
+    sh(["git", "push", "--quiet", "--force", str(root), "refs/exps/*:refs/exps/*"], ws, check=False)
+    return entries
+
+
+def drop_holding_parent(params: Params) -> None:
+    """Delete the queue's holding parent run (made by the first stage run to start) once
+    file_child has filed every stage run under it with its experiment's parent."""
+    from flows._stage import PIPELINE_TAG, STAGE_TAG
+
+    client = tracking()
+    experiment = client.get_experiment_by_name(params.project.experiment)
+    if experiment is None:
+        return
+    ids = [experiment.experiment_id]
+    for holder in client.search_runs(ids, f"tags.`{PIPELINE_TAG}` = '{HOLDING_PARENT}' and tags.`{STAGE_TAG}` = 'pipeline'"):
+        if not client.search_runs(ids, f"tags.`mlflow.parentRunId` = '{holder.info.run_id}'", max_results=1):
+            client.delete_run(holder.info.run_id)
 
 
 def run_measurement(measurement: Measurement, raw_params: dict, root: Path, env: dict, log, command: str) -> dict:
@@ -488,11 +604,8 @@ def run_measurement(measurement: Measurement, raw_params: dict, root: Path, env:
         partial.unlink()
     entry = write_measurement_report(folder, measurement, result, command=command, wall_s=time.time() - started)
     params = validate_params(raw_params, {}, "params.yaml")
-    parent_id, _ = mlflow_parent(params, measurement, root)
-    from mlflow.tracking import MlflowClient
-
-    from flows.environment import mlflow_tracking_uri
-    client = MlflowClient(mlflow_tracking_uri(root))
+    parent_id, _ = mlflow_parent(params, measurement)
+    client = tracking()
     for path, fit in result["fit"].items():
         for name, value in fit.items():
             if isinstance(value, float):
@@ -526,14 +639,13 @@ def experiments_flow_impl(names: list[str], catalogue_path: str, params_path: st
     if any(finished(r) is None for r in runs):
         ws = prepare_workspace(root, env)
         prepare_data(ws, env, logger.info)
-    entries = []
-    for experiment in chosen:
-        if isinstance(experiment, Measurement):
-            entries.append(run_measurement(experiment, raw, root, env, logger.info, command))
-        else:
-            mine = [r for r in runs if r.experiment is experiment]
-            entries.append(run_experiment(experiment, mine, root, ws, env, logger.info, command))
-        logger.info(f"{experiment.name}: {entries[-1]['finding']}")
+    entries = {}
+    for measurement in [e for e in chosen if isinstance(e, Measurement)]:   # first: they time the CPU
+        entries[measurement.name] = run_measurement(measurement, raw, root, env, logger.info, command)
+        logger.info(f"{measurement.name}: {entries[measurement.name]['finding']}")
+    trained = [e for e in chosen if isinstance(e, Experiment)]
+    entries.update(run_experiments(trained, runs, root, ws, {**env, PIPELINE_RUN_ENV: HOLDING_PARENT},
+                                   logger.info, command))
     # the index covers every experiment with a report, not only this invocation's
     index = []
     for name in catalogue.experiments:
@@ -541,7 +653,7 @@ def experiments_flow_impl(names: list[str], catalogue_path: str, params_path: st
         if summary.exists():
             index.append(read_json(summary))
     write_index(OUT, index)
-    return entries
+    return [entries[e.name] for e in chosen]
 
 
 def _flow():
@@ -577,9 +689,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {err}")
     count = len(runs) + sum(isinstance(e, Measurement) for e in chosen)   # a measurement is one run
     if args.list:
-        total = 0.0
+        total, trained = 0.0, set()
         for experiment in chosen:
-            seconds = estimate_seconds([r for r in runs if r.experiment is experiment], experiment)
+            seconds = estimate_seconds([r for r in runs if r.experiment is experiment], experiment, trained)
             total += seconds
             print(f"{experiment.name:16s} {max(1, len(experiment.runs())):3d} runs  ~{seconds / 60:5.1f} min  "
                   f"{experiment.question}")

@@ -11,9 +11,12 @@ probabilities, top-k, attention of every head). Taken into the run's checkpoint 
 resumed run keeps them), copied into the model folder's snapshots/ at the end: DVC tracks them
 with the model, MLflow logs them with it, and the server's training timeline reads them there.
 
-Checkpoints live in data/pretrain/checkpoints/<run key>/, which DVC keeps between runs
-(`persist: true`): a run killed at any point continues from its last checkpoint when the stage
-runs again with the same settings, while changed settings get a fresh folder (and a fresh run).
+Checkpoints live in data/pretrain/checkpoints/<run key>/, which is not a DVC output (so DVC
+neither deletes it before a run nor tracks it): a run killed at any point continues from its last
+checkpoint when the stage runs again with the same settings, while changed settings get a fresh
+folder (and a fresh run). Not declaring it (rather than `persist: true`) keeps the stage in DVC's
+run-cache: settings trained once before (an experiment's baseline, a `git checkout` back) are
+restored instead of trained again.
 
 Several GPUs (`pretrain.devices: N` or `auto`): the flow (wherever it runs: in the DVC process or
 on a pool's worker) starts `torchrun --standalone --nproc_per_node=N -m flows.pretrain --ddp-rank

@@ -221,7 +221,12 @@ TINY_CATALOGUE = {
         "question": "What does clipping do here?",
         "baseline": {"label": "clip at 1.0", "set": {"pretrain.train.grad_clip": 1.0}},
         # a learning rate of 1e12 overflows float32 within a few steps: a run that diverges, as a result
-        "variants": [{"label": "absurd lr", "set": {"pretrain.train.lr": 1e12, "pretrain.train.grad_clip": 0.0}}]}},
+        "variants": [{"label": "absurd lr", "set": {"pretrain.train.lr": 1e12, "pretrain.train.grad_clip": 0.0}}]},
+        # its baseline spells out the preset's own qkv bias: the same run as clipping's baseline, once resolved
+        "qkv-bias": {
+            "question": "Does a qkv bias matter here?",
+            "baseline": {"label": "qkv bias", "set": {"pretrain.model.qkv_bias": True}},
+            "variants": [{"label": "no qkv bias", "set": {"pretrain.model.qkv_bias": False}}]}},
 }
 
 
@@ -242,7 +247,7 @@ def test_one_experiment_end_to_end(pipeline_repo, prefect_api, tmp_path):
 
     command = [sys.executable, "-m", "flows.experiments", "clipping", "--catalogue", "tiny.yaml"]
     started = time.time()
-    run(command, repo, env, timeout=900)
+    first = run([*command[:3], "--all", *command[4:]], repo, env, timeout=900)   # both: one queue
     first_s = time.time() - started
     print(f"first run {first_s:.0f} s")
 
@@ -294,6 +299,22 @@ def test_one_experiment_end_to_end(pipeline_repo, prefect_api, tmp_path):
     children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted(c.data.tags.get("llm.variant", "") + str(c.data.tags.get("llm.seed")) for c in children) == \
         ["absurd lr1", "absurd lr2", "clip at 1.01", "clip at 1.02"]
+
+    # qkv-bias's baseline is clipping's, once the preset's default is seen as such: DVC's run-cache
+    # restored it (no training), and MLflow still has a child for it, marked as restored
+    assert "queued 8/8 runs" in first.stdout + first.stderr
+    for seed, val_loss in zip((1, 2), val_losses):
+        restored = json.loads((repo / f"data/experiments/qkv-bias/runs/qkv-bias/seed{seed}/result.json").read_text())
+        assert restored["restored"] and restored["metrics"]["val_loss"] == val_loss
+        trained = json.loads((repo / f"data/experiments/qkv-bias/runs/no-qkv-bias/seed{seed}/result.json").read_text())
+        assert not trained["restored"] and trained["metrics"]["val_loss"] != val_loss
+    [qkv_parent] = client.search_runs([experiment_id], "tags.`llm.experiment` = 'qkv-bias' and tags.`llm.stage` = 'pipeline'")
+    qkv_children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{qkv_parent.info.run_id}'")
+    assert sorted((c.data.tags["llm.variant"], "llm.restored_from" in c.data.tags) for c in qkv_children) == \
+        [("no qkv bias", False)] * 2 + [("qkv bias", True)] * 2
+    assert [c.data.metrics["val_loss"] for c in qkv_children if c.data.tags["llm.variant"] == "qkv bias"] != []
+    # the queue's holding parent is gone once every run is filed under its experiment
+    assert not client.search_runs([experiment_id], "tags.`llm.pipeline_run_id` = 'experiments-queue'")
 
     # a rerun reuses every finished run (nothing recomputed); one whose result was lost (a kill after
     # its run finished) is collected from its experiment commit, not trained again
