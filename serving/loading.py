@@ -121,8 +121,8 @@ def snapshot_steps(folder: Path) -> list[int]:
 def step_problem(step: int | None, steps: list[int], model_name: str) -> str | None:
     """Why snapshot `step` (None: any snapshot) cannot be served, as a message for a 404; None if it can."""
     if not steps:
-        return (f"'{model_name}' has no training snapshots: serve a model folder the pretrain stage wrote with "
-                "pretrain.snapshots.keep > 0 (data/pretrain/model)")
+        return (f"'{model_name}' has no training snapshots: serve a model folder the pretrain or instruct stage "
+                "wrote with <stage>.snapshots.keep > 0 (data/pretrain/model, data/instruct/model)")
     if step is None or step in steps:
         return None
     return (f"step {step} is not a snapshot of '{model_name}'; its snapshots are at steps "
