@@ -82,6 +82,8 @@ def instruct_flow(params: Params) -> dict:
     base_model, tokenizer = load_model_dir(BASE_MODEL)
 
     snapshot_config = p.snapshots.build()
+    if snapshot_config.keep and not val:
+        log.info("note: no validation records (instruct.val_fraction), so no evaluations and no snapshots")
 
     # Taken into a scratch folder (no run resumes), copied into the model folder at the end.
     with stage_run("instruct", params) as stage, tempfile.TemporaryDirectory(prefix="instruct-snapshots-") as work:

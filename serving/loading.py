@@ -11,7 +11,7 @@ llm.checkpoint (load_model_dir, save_model_dir):
 `mlflow.artifacts.download_artifacts`: the registered version's source is the logged folder,
 so a local store gives its path directly and a remote one is downloaded to a temporary folder.
 
-A model folder written by the pretrain stage also holds `snapshots/` (llm.snapshots): the
+A model folder written by the pretrain or instruct stage also holds `snapshots/` (llm.snapshots): the
 weights and probe records at several training steps. The server serves each of them: their
 steps are listed by /v1/models and /v1/snapshots, and /v1/introspect takes a `step`.
 """
