@@ -5,18 +5,26 @@ examples packed into full rows with document masking, full tuning or LoRA merged
 answers every test instruction with the base model and with the tuned model, same decoding and
 seed. Output: data/instruct/model/ (registered in MLflow as <project.name>-instruct; the server's
 default model), responses.jsonl (the judge stage's input), curves/loss.csv, metrics.json.
+
+Snapshots (`instruct.snapshots`, as pretrain's: flows/_snapshots.py): at step 0 (the base model)
+and at evenly spaced evaluations, the weights and what the model does with the probe text and the
+first training example, kept in the model folder's snapshots/ (DVC and MLflow keep them with the
+model; the server's training timeline reads them there). The stage has no checkpoints: every run
+tunes from the base model again and takes its snapshots afresh.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import tempfile
 from pathlib import Path
 
 from prefect import flow, task
 from prefect.logging import get_run_logger
 from tqdm import tqdm
 
+from flows._snapshots import snapshot, snapshot_metrics, snapshots_of
 from flows._stage import (
     BASE_MODEL,
     INSTRUCT_MODEL,
@@ -34,6 +42,7 @@ from llm.checkpoint import load_checkpoint, load_model_dir, save_model_dir
 from llm.files import atomic_dir, atomic_file
 from llm.finetune import finetune, split_records
 from llm.generate import Engine
+from llm.snapshots import SNAPSHOTS_DIR
 from llm.sources import iter_documents
 
 OUT = stage_dir("instruct")
@@ -72,22 +81,36 @@ def instruct_flow(params: Params) -> dict:
     test = [r for r in test if usable(r)][: p.max_test_items]
     base_model, tokenizer = load_model_dir(BASE_MODEL)
 
-    with stage_run("instruct", params) as stage:
-        curve = []
+    snapshot_config = p.snapshots.build()
+    if snapshot_config.keep and not val:
+        log.info("note: no validation records (instruct.val_fraction), so no evaluations and no snapshots")
+
+    # Taken into a scratch folder (no run resumes), copied into the model folder at the end.
+    with stage_run("instruct", params) as stage, tempfile.TemporaryDirectory(prefix="instruct-snapshots-") as work:
+        snapshots, tuned = None, None
+
+        def on_start(model, data) -> None:   # the evaluation steps are known once the records are encoded
+            nonlocal snapshots, tuned
+            tuned = model
+            snapshots = snapshots_of(snapshot_config, Path(work), data.evaluation_steps, data.train_examples[0][0],
+                                     tokenizer)
 
         def on_step(step: int, m: dict) -> None:
             stage.log_metrics(m, step=step)
 
         def on_eval(step: int, m: dict) -> None:
-            curve.append((step, m["val_loss"]))
             stage.log_metrics({"val_loss": m["val_loss"]}, step=step)
+            snapshot(snapshots, tuned, step, m["val_loss"], stage.log_metrics, log.info)
 
         try:
-            result = finetune(base_model, tokenizer, train, val, config, on_step=on_step, on_eval=on_eval)
+            result = finetune(base_model, tokenizer, train, val, config, on_step=on_step, on_eval=on_eval,
+                              on_start=on_start)
         except ValueError as err:
             raise StageError(str(err)) from err
         with atomic_dir(INSTRUCT_MODEL) as tmp:
             save_model_dir(result.model, tokenizer, tmp)
+            if snapshots is not None:
+                snapshots.finish(result.model, result.history, tmp / SNAPSHOTS_DIR)
         version = stage.log_model(INSTRUCT_MODEL, f"{params.project.name}-instruct" if p.register_model else None)
         write_curve(result.history, OUT / "curves" / "loss.csv")
 
@@ -104,7 +127,7 @@ def instruct_flow(params: Params) -> dict:
 
         metrics = {**{k: v for k, v in result.metrics().items() if v is not None},
                    "test_items": len(test), "registered_version": int(version or 0),
-                   "records": result.train_records.as_dict()}
+                   "records": result.train_records.as_dict(), **snapshot_metrics(INSTRUCT_MODEL / SNAPSHOTS_DIR)}
         log.info(f"val loss {metrics.get('val_loss_before', float('nan')):.3f} -> {result.val_loss or float('nan'):.3f}; "
                  f"{len(test)} test answers written")
         example = (f"\n\n**{test[0]['instruction']}**\n\n- base: {base_answers[0]!r}\n- tuned: {tuned_answers[0]!r}"

@@ -248,6 +248,7 @@ class InstructParams(mirror(FinetuneConfig)):
     temperature: float = Field(0.0, ge=0)      # 0 = greedy: the same answers every run
     generate_batch_size: int = Field(16, ge=1)
     register_model: bool = True                # as <project.name>-instruct
+    snapshots: SnapshotParams = SnapshotParams()   # the model along the tuning run, as pretrain.snapshots
 
 
 class JudgeParams(Strict):

@@ -50,6 +50,7 @@ import torch
 from prefect import flow
 from prefect.logging import get_run_logger
 
+from flows._snapshots import snapshot, snapshot_metrics, snapshots_of
 from flows._stage import BASE_MODEL, TOKENIZER, TOKENS, StageError, as_params, main, metric_name, stage_dir, stage_run
 from flows.params import Params
 from llm import distributed
@@ -58,7 +59,7 @@ from llm.data import TokenDataset, unigram_loss
 from llm.files import atomic_dir
 from llm.generate import generate
 from llm.model import GPT, ModelConfig, num_params
-from llm.snapshots import SNAPSHOTS_DIR, Probe, SnapshotConfig, Snapshots, chosen_steps, list_steps, probe_bits
+from llm.snapshots import SNAPSHOTS_DIR, SnapshotConfig, Snapshots
 from llm.step import TrainingDiverged
 from llm.tokenizer import load_tokenizer
 from llm.train import TrainConfig, TrainResult, bits_per_byte, evaluation_steps, global_tokens_per_step, perplexity, train
@@ -131,27 +132,10 @@ def datasets(model_config: ModelConfig, train_config: TrainConfig, tokenizer) ->
     return train_data, val_data
 
 
-def snapshots_of(config: SnapshotConfig | None, folder: Path, train_config: TrainConfig, tokenizer,
-                 train_data: TokenDataset) -> Snapshots | None:
-    """The run's snapshot taker (None with keep: 0): the probe text and the first training row."""
-    if config is None or config.keep == 0:
-        return None
-    probes = [Probe("probe text", tokenizer.encode(config.probe_text)),
-              Probe("training row", train_data.batch(0)[0][0].tolist())]
-    steps = chosen_steps(evaluation_steps(train_config), config.keep)
-    return Snapshots(folder, config, steps, probes, tokenizer.token_text)
-
-
-def snapshot(snapshots: Snapshots | None, model: GPT, step: int, val_loss: float | None, log_metrics, info) -> None:
-    """Take the snapshot of `step` if it is a chosen one; log the probes' bits per token."""
-    if snapshots is None or not snapshots.wanted(step):
-        return
-    began = time.perf_counter()
-    taken = snapshots.take(model, step, val_loss)
-    bits = probe_bits(taken)
-    log_metrics({f"snapshot.{name.replace(' ', '_')}_bits": value for name, value in bits.items()}, step=step)
-    info(f"snapshot at step {step} ({time.perf_counter() - began:.2f} s): "
-         + ", ".join(f"{name} {value:.2f} bits/token" for name, value in bits.items()))
+def pretrain_snapshots(config: SnapshotConfig | None, folder: Path, train_config: TrainConfig, tokenizer,
+                       train_data: TokenDataset) -> Snapshots | None:
+    """The run's snapshot taker: its evaluations, and the first training row as a probe."""
+    return snapshots_of(config, folder, evaluation_steps(train_config), train_data.batch(0)[0][0].tolist(), tokenizer)
 
 
 def callbacks(curves: Curves, log_metrics, info, snapshots: Snapshots | None = None, model: GPT | None = None):
@@ -203,7 +187,7 @@ def pretrain_flow(params: Params, node_rank: int = 0) -> dict:
     if train_config.resume == "never":
         shutil.rmtree(checkpoints / SNAPSHOTS_DIR, ignore_errors=True)   # the run starts over: so do its snapshots
     snapshot_config = p.snapshots.build()
-    snapshots = snapshots_of(snapshot_config, checkpoints / SNAPSHOTS_DIR, train_config, tokenizer, train_data)
+    snapshots = pretrain_snapshots(snapshot_config, checkpoints / SNAPSHOTS_DIR, train_config, tokenizer, train_data)
     torch.manual_seed(train_config.seed)  # the initial weights too: same params, same model
     model = GPT(model_config)
     shape = p.model.preset + (f" at depth {p.model.depth}" if p.model.depth else "")
@@ -284,12 +268,6 @@ def text_measures(val_loss: float | None, meta: dict, model: GPT) -> dict:
         if val_loss is not None:
             out["val_bits_per_byte"] = bits_per_byte(val_loss, meta["num_tokens"], meta["bytes"])
     return out
-
-
-def snapshot_metrics(folder: Path) -> dict:
-    """How many snapshots the model folder carries and their size on disk."""
-    files = [f for f in folder.rglob("*") if f.is_file()] if folder.is_dir() else []
-    return {"snapshots": len(list_steps(folder)), "snapshots_mb": round(sum(f.stat().st_size for f in files) / 2**20, 2)}
 
 
 def rewrite_curves(folder: Path, history: dict, tokens_per_step: int) -> None:
@@ -375,7 +353,8 @@ def ddp_rank(job_file: Path) -> None:
             print("note: with sharding fsdp, evaluations take no snapshots (the model is whole on no process); "
                   "the snapshot of step 0 is kept")
         config = SnapshotConfig.from_dict(job["snapshots"]) if job["snapshots"] and whole else None
-        snapshots = snapshots_of(config, Path(job["checkpoints"]) / SNAPSHOTS_DIR, train_config, tokenizer, train_data)
+        snapshots = pretrain_snapshots(config, Path(job["checkpoints"]) / SNAPSHOTS_DIR, train_config, tokenizer,
+                                       train_data)
         on_step, on_eval = callbacks(curves, log_metrics, print, snapshots, model)
     try:
         result = train(model, train_data, val_data, train_config, job["checkpoints"],

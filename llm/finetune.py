@@ -48,6 +48,7 @@ METHODS = ("full", "lora")
 TOO_LONG = ("truncate", "drop")
 
 Callback = Callable[[int, dict], None]
+StartCallback = Callable[[nn.Module, "TuningData"], None]
 
 
 # --- config -------------------------------------------------------------------------------------
@@ -328,6 +329,17 @@ class TuningData:
         rows = self.layout_packed.rows if self.config.layout == "packed" else len(self.train_examples)
         return math.ceil(rows / self.config.batch_size)
 
+    @property
+    def total_steps(self) -> int:
+        return self.config.max_steps or self.config.epochs * self.steps_per_epoch
+
+    @property
+    def evaluation_steps(self) -> list[int]:
+        """The updates after which the loop validates: 0 (before tuning), every `eval_every`
+        updates (else at each epoch's end), and the last."""
+        every = self.config.eval_every or self.steps_per_epoch
+        return sorted({0, *range(every, self.total_steps, every), self.total_steps})
+
     def epoch(self, number: int) -> list[Batch]:
         packed = self.packed_rows if self.config.layout == "packed" else None
         return epoch_batches(self.train_examples, packed, self.config, self.seq_len, self.pad_id, number)
@@ -375,9 +387,12 @@ class _Progress:
 
 def finetune(model: nn.Module, tokenizer: Tokenizer, train_records: Iterable[Any],
              val_records: Iterable[Any] | None = None, config: FinetuneConfig | None = None, *,
-             on_step: Callback | None = None, on_eval: Callback | None = None) -> FinetuneResult:
+             on_step: Callback | None = None, on_eval: Callback | None = None,
+             on_start: StartCallback | None = None) -> FinetuneResult:
     """Tune `model` (a GPT, trained in place) on Alpaca-style records; see the module docstring.
 
+    on_start(model, data) once before the first validation, with the model being trained (a
+    LoRA wrapper with method 'lora') and the encoded data (its `evaluation_steps` among them);
     on_step(step, {loss, lr, grad_norm, tokens_trained, tokens_per_s}) after each update;
     on_eval(step, {val_loss}) after each validation, and once at step 0 before any update.
     Raises ValueError if no training record is usable (the report says why).
@@ -390,6 +405,8 @@ def finetune(model: nn.Module, tokenizer: Tokenizer, train_records: Iterable[Any
         model = add_lora(model, config.lora_settings())
     model.to(device).train()
     trainable, total = count_parameters(model)
+    if on_start:
+        on_start(model, data)
     progress = _train(model, data, config, device, on_step, on_eval)
 
     merge_diff = None
@@ -412,7 +429,7 @@ def finetune(model: nn.Module, tokenizer: Tokenizer, train_records: Iterable[Any
 def _train(model: nn.Module, data: TuningData, config: FinetuneConfig, device: torch.device,
            on_step: Callback | None, on_eval: Callback | None) -> _Progress:
     optimizer = plain_adamw(model, config.lr, config.weight_decay)
-    total_steps = config.max_steps or config.epochs * data.steps_per_epoch
+    total_steps, evaluations = data.total_steps, set(data.evaluation_steps)
     run = _Progress()
 
     def validate() -> None:
@@ -436,11 +453,8 @@ def _train(model: nn.Module, data: TuningData, config: FinetuneConfig, device: t
                 if on_step:
                     on_step(run.step, {"loss": update.loss, "lr": update.lr, "grad_norm": update.grad_norm,
                                        "tokens_trained": run.tokens_trained, "tokens_per_s": run.tokens_per_s})
-                if config.eval_every and run.step % config.eval_every == 0 and run.step != total_steps:
+                if run.step in evaluations:
                     validate()
-            if not config.eval_every and run.step != total_steps:
-                validate()   # the end of an epoch
-    validate()
     return run
 
 

@@ -17,6 +17,7 @@ merging an update into it would silently change the embedding too.
 
 from __future__ import annotations
 
+import copy
 import re
 import sys
 from collections import defaultdict
@@ -119,6 +120,12 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for param in merged.parameters():
         param.requires_grad_(True)                      # unfrozen again, like any loaded model
     return merged
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """The model with its adapters folded in, as a copy (the model keeps training with them);
+    a model without adapters is returned as it is."""
+    return merge_lora(copy.deepcopy(model)) if is_lora(model) else model
 
 
 @torch.no_grad()

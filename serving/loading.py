@@ -11,7 +11,7 @@ llm.checkpoint (load_model_dir, save_model_dir):
 `mlflow.artifacts.download_artifacts`: the registered version's source is the logged folder,
 so a local store gives its path directly and a remote one is downloaded to a temporary folder.
 
-A model folder written by the pretrain stage also holds `snapshots/` (llm.snapshots): the
+A model folder written by the pretrain or instruct stage also holds `snapshots/` (llm.snapshots): the
 weights and probe records at several training steps. The server serves each of them: their
 steps are listed by /v1/models and /v1/snapshots, and /v1/introspect takes a `step`.
 """
@@ -121,8 +121,8 @@ def snapshot_steps(folder: Path) -> list[int]:
 def step_problem(step: int | None, steps: list[int], model_name: str) -> str | None:
     """Why snapshot `step` (None: any snapshot) cannot be served, as a message for a 404; None if it can."""
     if not steps:
-        return (f"'{model_name}' has no training snapshots: serve a model folder the pretrain stage wrote with "
-                "pretrain.snapshots.keep > 0 (data/pretrain/model)")
+        return (f"'{model_name}' has no training snapshots: serve a model folder the pretrain or instruct stage "
+                "wrote with <stage>.snapshots.keep > 0 (data/pretrain/model, data/instruct/model)")
     if step is None or step in steps:
         return None
     return (f"step {step} is not a snapshot of '{model_name}'; its snapshots are at steps "

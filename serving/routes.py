@@ -1,6 +1,6 @@
 """The small routes the HTTP process answers itself: the web page (`/`, `/web/...`), `/v1`,
 `/health`, `/v1/models`, `/v1/tokenize`, and the training snapshots' records and loss curves
-(`/v1/snapshots`, `/v1/snapshots/{step}`: files the pretrain stage wrote, read without a model)."""
+(`/v1/snapshots`, `/v1/snapshots/{step}`: files the pretrain or instruct stage wrote, read without a model)."""
 
 from __future__ import annotations
 

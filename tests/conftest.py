@@ -78,6 +78,16 @@ def prefect_api(tmp_path_factory) -> str:
     os.environ.pop("PREFECT_API_URL", None)
 
 
+def drain_flow_workers() -> None:
+    """Flows run in this process ship their logs and events from background workers: let them
+    finish while the session's Prefect server still answers, or they retry at exit for a minute."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all()
+    EventsWorker.drain_all()
+
+
 @pytest.fixture
 def pipeline_repo(tmp_path) -> Path:
     """A fresh git + DVC repository holding this project's pipeline code and dvc.yaml."""

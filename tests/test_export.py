@@ -20,6 +20,8 @@ from llm.model import GPT, ModelConfig
 from llm.step import train_step
 from llm.tokenizer import CharTokenizer, train_sentencepiece
 
+from conftest import drain_flow_workers
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # A text the tiny models learn by heart in a few seconds, so greedy decoding follows it with clear
@@ -272,13 +274,7 @@ def workspace(tmp_path, monkeypatch, prefect_api, tokenizer):
     monkeypatch.setenv("LLM_PIPELINE_RUN_ID", "export-test")
     (tmp_path / "params.yaml").write_text(json.dumps(stage_params()))
     yield tmp_path
-    # Flows run in this process ship their logs and events from background workers: let them
-    # finish while the session's Prefect server still answers, or they retry at exit for a minute.
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    APILogWorker.drain_all()
-    EventsWorker.drain_all()
+    drain_flow_workers()
 
 
 def export_cli(*args: str) -> str:

@@ -113,3 +113,7 @@ def test_snapshot_settings_are_checked_with_the_pretrain_section(tmp_path):
     data["pretrain"]["snapshots"]["keep"] = -1
     with pytest.raises(ConfigError, match=r"pretrain.snapshots.*keep must be >= 0"):
         load_params(write(tmp_path, data))
+    data["instruct"] = {"snapshots": {"top_k": 0}}   # the instruct stage's, same schema
+    data["pretrain"]["snapshots"]["keep"] = 2
+    with pytest.raises(ConfigError, match=r"instruct.snapshots.*top_k must be >= 1"):
+        load_params(write(tmp_path, data))

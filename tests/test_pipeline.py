@@ -112,6 +112,9 @@ def test_tiny_pipeline_end_to_end(pipeline_repo, prefect_api, judge_gguf, tmp_pa
     assert len(responses) == instruct["test_items"] == 4
     assert set(responses[0]) == {"instruction", "input", "reference", "base_response", "tuned_response"}
     assert [int(v.version) for v in client.search_model_versions("name = 'testllm-instruct'")] == [1]
+    # Its snapshots too: the base model at step 0, the tuned model at the last step (evaluations at epochs' ends).
+    steps = list_steps(repo / "data/instruct/model/snapshots")
+    assert len(steps) == instruct["snapshots"] == 3 and steps[0] == 0 and steps[-1] == instruct["steps"]
 
     # judge: the real local judge, calibrated on the same items; a re-run is answered by the cache
     dvc(repo, "repro", "judge", env=env)

@@ -1,5 +1,5 @@
 // The training timeline: the model as it was at its training snapshots (GET /v1/snapshots and
-// /v1/snapshots/{step}, recorded by the pretrain stage). The loss curves with the snapshot steps;
+// /v1/snapshots/{step}, recorded by the pretrain or instruct stage). The loss curves with the snapshot steps;
 // two step sliders put the same text side by side at two steps: each token's probability (hover
 // for the top-k candidates) and the attention of a chosen layer and head, with tokens on both
 // axes. A head can be pinned, to keep it in view while another layer is chosen.
