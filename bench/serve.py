@@ -14,6 +14,11 @@ whole answer, sends the next, for --seconds. Rounds alternate between the concur
 On a machine shared with other work, the wall-clock speedup also measures the neighbours;
 cpu_speedup (CPU time from psutil, summed over the server's process tree) does not.
 
+--baseline-tree DIR also starts the server of another checkout (e.g. `git worktree add /tmp/old
+REV`) on the same model, and alternates every round between the two, so both are measured side
+by side under the same conditions; the report then has "baseline" (the same fields) and "ratio"
+(this tree over the baseline, per level: tokens/s and tokens per server CPU-second).
+
 Tokens are the `usage.completion_tokens` the server reports (a request may end early on a stop
 token). Requests are non-streamed chat completions with max_tokens = --max-tokens, sampled at
 temperature 1 with a seed per request, so runs are comparable.
@@ -48,6 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=2, help="rounds per level, alternating; medians (default: 2)")
     p.add_argument("--max-batch-size", type=int, default=32, help="server's --max-batch-size (default: 32)")
     p.add_argument("--server-args", default="", help="extra arguments for python -m serving")
+    p.add_argument("--baseline-tree", type=Path, help="another checkout whose server is measured alongside")
     return p.parse_args(argv)
 
 
@@ -71,11 +77,12 @@ def random_model(folder: Path, preset: str) -> Path:
     return save_model_dir(model, tokenizer, folder / "model")
 
 
-def start_server(model: str, port: int, args) -> subprocess.Popen:
+def start_server(model: str, port: int, args, tree: Path = ROOT) -> subprocess.Popen:
     command = [sys.executable, "-m", "serving", "--model", model, "--port", str(port), "--name", "bench",
                "--max-batch-size", str(args.max_batch_size), "--max-tokens", str(max(args.max_tokens, 1)),
                *args.server_args.split()]
-    return subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+    env = {**os.environ, "PYTHONPATH": str(tree)}   # that tree's code, whatever is installed
+    return subprocess.Popen(command, cwd=tree, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -155,21 +162,38 @@ async def round_of(client, clients: int, seconds: float, max_tokens: int, seed_b
             "requests": len(latencies), "failures": failures}
 
 
-async def measure(port: int, process, args) -> dict:
+async def measure(servers: list[tuple[int, subprocess.Popen]], args) -> list[dict]:
+    """Per server, per level: the medians over rounds; every round visits each server in turn."""
     import httpx
 
     levels = [int(c) for c in args.clients.split(",")]
-    results = {c: [] for c in levels}
+    results = [{c: [] for c in levels} for _ in servers]
     limits = httpx.Limits(max_connections=max(levels) + 4)
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120, limits=limits) as client:
-        await wait_healthy(client, process)
-        await round_of(client, max(levels), 2.0, args.max_tokens, 0, process.pid)  # warm-up
+    clients = [httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120, limits=limits) for port, _ in servers]
+    try:
+        for client, (_, process) in zip(clients, servers):
+            await wait_healthy(client, process)
+            await round_of(client, max(levels), 2.0, args.max_tokens, 0, process.pid)  # warm-up
         for r in range(args.rounds):
             for c in levels:
-                results[c].append(await round_of(client, c, args.seconds, args.max_tokens, 10_000_000 * (r + 1),
-                                                 process.pid))
-    return {c: {key: round(statistics.median(run[key] for run in runs), 2) for key in runs[0]}
-            for c, runs in results.items()}
+                for i, (client, (_, process)) in enumerate(zip(clients, servers)):
+                    results[i][c].append(await round_of(client, c, args.seconds, args.max_tokens,
+                                                        10_000_000 * (r + 1), process.pid))
+    finally:
+        for client in clients:
+            await client.aclose()
+    return [{c: {key: round(statistics.median(run[key] for run in runs), 2) for key in runs[0]}
+             for c, runs in result.items()} for result in results]
+
+
+def summary(levels: dict) -> dict:
+    report = {f"clients_{c}": v for c, v in levels.items()}
+    low, high = min(levels), max(levels)
+    report["speedup"] = round(levels[high]["tokens_per_s"] / levels[low]["tokens_per_s"], 2)
+    # The same ratio per CPU-second the server used: what batching saves, whatever else runs on
+    # the machine (on a shared CPU the wall-clock ratio also measures the neighbours).
+    report["cpu_speedup"] = round(levels[high]["tokens_per_server_cpu_s"] / levels[low]["tokens_per_server_cpu_s"], 2)
+    return report
 
 
 def main(argv=None) -> dict:
@@ -178,18 +202,21 @@ def main(argv=None) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or str(random_model(Path(tmp), args.preset))
-        port = free_port()
-        process = start_server(model, port, args)
+        trees = [ROOT] + ([args.baseline_tree.resolve()] if args.baseline_tree else [])
+        servers = []
         try:
-            levels = asyncio.run(measure(port, process, args))
+            for tree in trees:
+                port = free_port()
+                servers.append((port, start_server(model, port, args, tree)))
+            measured = asyncio.run(measure(servers, args))
         finally:
-            stop_server(process)
-    report = {f"clients_{c}": v for c, v in levels.items()}
-    low, high = min(levels), max(levels)
-    report["speedup"] = round(levels[high]["tokens_per_s"] / levels[low]["tokens_per_s"], 2)
-    # The same ratio per CPU-second the server used: what batching saves, whatever else runs on
-    # the machine (on a shared CPU the wall-clock ratio also measures the neighbours).
-    report["cpu_speedup"] = round(levels[high]["tokens_per_server_cpu_s"] / levels[low]["tokens_per_server_cpu_s"], 2)
+            for _, process in servers:
+                stop_server(process)
+    report = summary(measured[0])
+    if args.baseline_tree:
+        report["baseline"] = {**summary(measured[1]), "tree": str(args.baseline_tree)}
+        report["ratio"] = {f"clients_{c}": {k: round(measured[0][c][k] / measured[1][c][k], 3)
+                                            for k in ("tokens_per_s", "tokens_per_server_cpu_s")} for c in measured[0]}
     report.update(model=args.model or f"random {args.preset} preset", max_tokens=args.max_tokens,
                   seconds_per_round=args.seconds, rounds=args.rounds, max_batch_size=args.max_batch_size,
                   cpus=os.cpu_count(), torch=torch.__version__)

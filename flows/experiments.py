@@ -463,7 +463,19 @@ def start_queue(runs: list[PlannedRun], ws: Path, env: dict, log) -> None:
         if i % 10 == 0 or i == len(queued):
             log(f"queued {i}/{len(queued)} runs")
     if queued:
-        sh([dvc_bin(), "queue", "start", "--jobs", "1"], ws, env)
+        start_worker(ws, env)
+
+
+def start_worker(ws: Path, env: dict) -> None:
+    """`dvc queue start`: its worker lives on with the command's output as its own, so that goes to a
+    file (from a pipe, waiting for the command would wait for the whole queue)."""
+    log = ws / ".dvc" / "tmp" / "queue-start.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as output:
+        done = subprocess.run([dvc_bin(), "queue", "start", "--jobs", "1"], cwd=ws, env=env, stdout=output,
+                              stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise ExperimentError(f"`dvc queue start` failed in {ws} ({done.returncode}); see {log}")
 
 
 def _yaml(value) -> str:
@@ -486,7 +498,7 @@ def keep_queue_working(status: dict[str, str], workers: int, ws: Path, env: dict
         raise ExperimentError(f"DVC's queue worker in {ws} stopped {watch['restarts']} times with {pending} runs "
                               "left; see `dvc queue status` and `dvc queue logs NAME` there")
     log(f"the queue's worker stopped with {pending} runs left: starting another")
-    sh([dvc_bin(), "queue", "start", "--jobs", "1"], ws, env)
+    start_worker(ws, env)
     watch["idle"] = 0
 
 

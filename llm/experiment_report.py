@@ -181,7 +181,8 @@ def write_report(folder: str | Path, experiment: Experiment, results: list[dict]
         (folder / f"{name}.png").write_bytes(png)
     rows = r["rows"]
     runs_line = (f"{len(results)} runs ({len(experiment.variants)} variants x {len(experiment.seeds)} seeds)"
-                 + (f", {wall_s:.0f} s" if wall_s is not None else ""))
+                 + (f", done {wall_s:.0f} s after the command started (its runs share one queue)"
+                    if wall_s is not None else ""))
     md = [f"# Experiment: {experiment.name}", "", f"**{experiment.question}**" if experiment.question else "", "",
           f"**Finding:** {r['finding']}", "", runs_line + (f"; command: `{command}`" if command else ""), ""]
     if experiment.note:
