@@ -77,6 +77,16 @@ def random_model(folder: Path, preset: str) -> Path:
     return save_model_dir(model, tokenizer, folder / "model")
 
 
+def random_model_of(tree: Path, folder: Path, preset: str) -> Path:
+    """The random model as `tree`'s code saves it: with a baseline, the older code writes it, since
+    newer code reads older model folders and not the other way round."""
+    code = (f"from pathlib import Path; from bench.serve import random_model; "
+            f"print(random_model(Path({str(folder)!r}), {preset!r}))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)},
+                          capture_output=True, text=True, check=True)
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
 def start_server(model: str, port: int, args, tree: Path = ROOT) -> subprocess.Popen:
     command = [sys.executable, "-m", "serving", "--model", model, "--port", str(port), "--name", "bench",
                "--max-batch-size", str(args.max_batch_size), "--max-tokens", str(max(args.max_tokens, 1)),
@@ -201,8 +211,9 @@ def main(argv=None) -> dict:
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or str(random_model(Path(tmp), args.preset))
         trees = [ROOT] + ([args.baseline_tree.resolve()] if args.baseline_tree else [])
+        model = args.model or str(random_model_of(trees[-1], Path(tmp), args.preset) if args.baseline_tree
+                                  else random_model(Path(tmp), args.preset))
         servers = []
         try:
             for tree in trees:

@@ -43,7 +43,7 @@ def test_the_shipped_catalogue_is_valid_and_every_variant_is_a_change():
     assert isinstance(catalogue.experiments["attention-cost"], Measurement)
     # norm-placement sweeps the learning rate for both placements
     sweep = catalogue.experiments["norm-placement"]
-    assert {v.sweep_value for v in sweep.variants} == {0.003, 0.01, 0.03} and len(sweep.variants) == 6
+    assert {v.sweep_value for v in sweep.variants} == {0.003, 0.01, 0.03, 0.1} and len(sweep.variants) == 8
     assert len(runs) == sum(len(e.runs()) for e in catalogue.experiments.values())
 
 
