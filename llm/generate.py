@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llm.model import GPT, KVCache
+from llm.model import GPT, MLP, KVCache
 
 LOGPROB_FLOOR = -9999.0  # log p of a token the model rules out: JSON has no -inf
 
@@ -80,9 +80,10 @@ class DecodingLinear(nn.Module):
     (for_decoding) after the model's weights change.
     """
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, gelu: bool = False):
         super().__init__()
         weight = linear.weight.detach()
+        self.gelu = gelu  # apply GPT-2's tanh GELU to the output: fused into oneDNN's matmul where it runs
         on_cpu = weight.device.type == "cpu"
         self.packed = _mkldnn_pack(weight)
         self.weight = weight.t().contiguous().t() if on_cpu else weight   # (out, in), stored (in, out) on a CPU
@@ -92,14 +93,15 @@ class DecodingLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape == self.one_row:
-            if self.bias is None:
-                return torch.bmm(x, self.batched)
-            return torch.baddbmm(self.bias, x, self.batched)
-        if self.packed is None:
-            return F.linear(x, self.weight, self.bias)
-        rows = x.reshape(-1, x.size(-1))
-        y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
-        return y.view(*x.shape[:-1], y.size(-1))
+            y = torch.bmm(x, self.batched) if self.bias is None else torch.baddbmm(self.bias, x, self.batched)
+        elif self.packed is None:
+            y = F.linear(x, self.weight, self.bias)
+        else:
+            rows = x.reshape(-1, x.size(-1))
+            post = ("gelu", "tanh") if self.gelu else ("none", "")
+            y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, post[0], [], post[1])
+            return y.view(*x.shape[:-1], y.size(-1))
+        return F.gelu(y, approximate="tanh") if self.gelu else y
 
 
 def for_decoding(model: GPT) -> GPT:
@@ -113,9 +115,13 @@ def for_decoding(model: GPT) -> GPT:
     for module in list(fast.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, name, DecodingLinear(child))
+                # A GELU MLP's activation goes into its fc's matmul (one op, not two per step).
+                fused = isinstance(module, MLP) and module.kind == "gelu" and name == "fc"
+                setattr(module, name, DecodingLinear(child, gelu=fused))
             elif isinstance(child, nn.Dropout):         # the identity in eval mode, without the call
                 setattr(module, name, nn.Identity())
+        if isinstance(module, MLP) and module.kind == "gelu":
+            module.kind = "gelu in fc"
     for module in fast.modules():
         _called_directly(module)
     fast.decoding = True

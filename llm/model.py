@@ -292,8 +292,9 @@ class MLP(nn.Module):
         if self.kind == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
-        else:
+        elif self.kind == "gelu":
             h = F.gelu(h, approximate="tanh")  # GPT-2's GELU is the tanh approximation
+        # (kind "gelu in fc": a decoding copy whose fc applies this same GELU inside its matmul)
         return dropout(self.proj(h), self.dropout if self.training else 0.0)
 
 
