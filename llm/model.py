@@ -209,6 +209,11 @@ def attention_with_probs(q, k, v, mask, dropout_p: float = 0.0):
     return y, probs
 
 
+# From this many rows decoding one token each, plain matmuls beat the fused kernel even without a
+# mask on CPU (a server's full batch; bench/decode.py --batch-sizes 1,8,32 shows the step time).
+MANY_ROWS = 16
+
+
 def attend(q, k, v, mask, dropout_p: float = 0.0):
     """softmax(q k^T / sqrt(D)) v, each query over the keys `mask` allows (None: causal, or every
     key for a single query), with the heads side by side. q: (B, H, T, D); k, v: (B, Hkv, S, D),
@@ -217,18 +222,20 @@ def attend(q, k, v, mask, dropout_p: float = 0.0):
     The math is attention_with_probs'; this picks the kernel. A single query per row (decoding
     one token) is the common case of generation: the G query heads that share a key/value head
     become G query rows against it, so grouped-query attention never repeats keys; with a
-    mask, three plain ops beat the fused kernel's masked path on CPU (bench/decode.py).
+    mask, or with many rows, three plain ops beat the fused kernel on CPU (bench/decode.py).
     """
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     if T == 1 and dropout_p == 0.0:
         if Hkv != H:
             q = q.reshape(B, Hkv, H // Hkv, D)
-        if mask is None:
+        if mask is None and B < MANY_ROWS:
             y = F.scaled_dot_product_attention(q, k, v)
         else:
             scores = (q @ k.transpose(-2, -1)) * D ** -0.5
-            y = scores.masked_fill_(~mask, float("-inf")).softmax(dim=-1) @ v
+            if mask is not None:
+                scores = scores.masked_fill_(~mask, float("-inf"))
+            y = scores.softmax(dim=-1) @ v
         return y.reshape(B, 1, H * D)  # (B, Hkv, G, D) holds each row's heads side by side
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                        dropout_p=dropout_p, enable_gqa=Hkv != H)

@@ -11,9 +11,11 @@ import torch.nn.functional as F
 from llm.checkpoint import load_checkpoint, save_checkpoint
 from llm.model import (
     GPT,
+    MANY_ROWS,
     PRESETS,
     KVCache,
     ModelConfig,
+    attend,
     default_d_ff,
     document_positions_and_mask,
     flops_per_token,
@@ -302,3 +304,16 @@ def test_checkpoint_config_with_an_unknown_field_is_rejected(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, "n_layers": 3}))
     with pytest.raises(ValueError, match="n_layers"):
         load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("rows", [1, MANY_ROWS])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_attend_one_query_per_row_matches_the_fused_kernel_on_either_side_of_many_rows(rows, kv_heads):
+    # attend() picks plain matmuls or the fused kernel by row count: both must be the same attention.
+    torch.manual_seed(0)
+    q, k, v = torch.randn(rows, 4, 1, 16), torch.randn(rows, kv_heads, 9, 16), torch.randn(rows, kv_heads, 9, 16)
+    expected = F.scaled_dot_product_attention(q, k, v, enable_gqa=kv_heads != 4).transpose(1, 2).reshape(rows, 1, 64)
+    torch.testing.assert_close(attend(q, k, v, None), expected, atol=1e-6, rtol=1e-5)
+    held = torch.arange(9) < 6   # a row holding 6 of the 9 slots: the same as attending to those 6
+    masked = attend(q, k, v, held.view(1, 1, 1, 9))
+    torch.testing.assert_close(masked, attend(q, k[:, :, :6], v[:, :, :6], None), atol=1e-6, rtol=1e-5)
