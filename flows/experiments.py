@@ -52,6 +52,7 @@ from flows.run_id import PIPELINE_RUN_ENV
 from llm.diagnose import diagnose
 from llm.experiment_report import write_index, write_measurement_report, write_report
 from llm.experiments import (
+    CLASSIFY,
     Catalogue,
     CatalogueError,
     Experiment,
@@ -181,7 +182,7 @@ def estimate_seconds(runs: list[PlannedRun], experiment: Experiment | Measuremen
     total = experiment.estimate_s if isinstance(experiment, Measurement) else 0.0
     for r in runs:
         total += EST_OVERHEAD_S + (EST_CLASSIFY_S if r.experiment.stage == "classify" else 0.0)
-        pretrain = json.dumps({k: v for k, v in r.overrides.items() if not k.startswith("classify.")}, sort_keys=True)
+        pretrain = json.dumps({k: v for k, v in r.overrides.items() if not k.startswith(CLASSIFY)}, sort_keys=True)
         if pretrain in trained:
             continue
         trained.add(pretrain)
@@ -320,11 +321,13 @@ def stage_runs(run: PlannedRun) -> list:
                               order_by=["attributes.start_time DESC"])
 
 
-def mlflow_child(run: PlannedRun):
-    """The MLflow run of the stage this experiment measures, if that stage ran."""
+def mlflow_child(run: PlannedRun, runs: list | None = None):
+    """The MLflow run of the stage this experiment measures, if that stage ran (among `runs`, its
+    stage runs when already fetched)."""
     from flows._stage import STAGE_TAG
 
-    return next((r for r in stage_runs(run) if r.data.tags.get(STAGE_TAG) == run.experiment.stage), None)
+    runs = stage_runs(run) if runs is None else runs
+    return next((r for r in runs if r.data.tags.get(STAGE_TAG) == run.experiment.stage), None)
 
 
 def file_child(run: PlannedRun, metrics: dict, train, val) -> tuple[str | None, bool]:
@@ -333,20 +336,21 @@ def file_child(run: PlannedRun, metrics: dict, train, val) -> tuple[str | None, 
     holding the restored metrics and curves, tagged as such, so every variant and seed has one."""
     from mlflow.entities import Metric, Param
 
-    from flows._stage import PIPELINE_TAG, STAGE_TAG
+    from flows._stage import PIPELINE_TAG, STAGE_TAG, _experiment_id
 
     client = tracking()
     parent_id, pipeline_id = mlflow_parent(run.params, run.experiment)
-    for stage_run in stage_runs(run):
+    runs = stage_runs(run)
+    for stage_run in runs:
         client.set_tag(stage_run.info.run_id, "mlflow.parentRunId", parent_id)
         client.set_tag(stage_run.info.run_id, PIPELINE_TAG, pipeline_id)
-    child = mlflow_child(run)
+    child = mlflow_child(run, runs)
     if child is not None:
         child_id = child.info.run_id
     elif not metrics:   # failed before its stage ran: nothing to show
         return None, False
     else:
-        experiment_id = client.get_experiment_by_name(run.params.project.experiment).experiment_id
+        experiment_id = _experiment_id(client, run.params.project.experiment)
         child_id = client.create_run(experiment_id, tags={
             "mlflow.parentRunId": parent_id, PIPELINE_TAG: pipeline_id, STAGE_TAG: run.experiment.stage,
             "dvc.exp_name": run.name, RESTORED_TAG: "DVC's run-cache: these params, code and data were "
@@ -540,13 +544,11 @@ def run_experiments(experiments: list[Experiment], runs: list[PlannedRun], root:
         result = finished(run)
         (kept[run.experiment.name].append(result) if result is not None else todo[run.experiment.name].append(run))
     entries = {}
-    for experiment in experiments:
+    for experiment in experiments:   # (each one's MLflow parent is made when its first run is filed)
         mine = todo[experiment.name]
         log(f"{experiment.name}: {len(kept[experiment.name]) + len(mine)} runs, "
             f"{len(kept[experiment.name])} kept from earlier, {len(mine)} to run")
-        if mine:
-            mlflow_parent(mine[0].params, experiment)
-        else:
+        if not mine:
             entries[experiment.name] = report_experiment(experiment, kept[experiment.name], command, 0.0)
     waiting = [e for e in experiments if todo[e.name]]
     if not waiting:
