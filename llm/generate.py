@@ -96,11 +96,9 @@ class DecodingLinear(nn.Module):
             y = torch.bmm(x, self.batched) if self.bias is None else torch.baddbmm(self.bias, x, self.batched)
         elif self.packed is None:
             y = F.linear(x, self.weight, self.bias)
-        else:
-            rows = x.reshape(-1, x.size(-1))
+        else:  # oneDNN flattens x's leading dimensions itself
             post = ("gelu", "tanh") if self.gelu else ("none", "")
-            y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, post[0], [], post[1])
-            return y.view(*x.shape[:-1], y.size(-1))
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, post[0], [], post[1])
         return F.gelu(y, approximate="tanh") if self.gelu else y
 
 

@@ -234,7 +234,7 @@ def attend(q, k, v, mask, dropout_p: float = 0.0):
         else:
             scores = (q @ k.transpose(-2, -1)) * D ** -0.5
             if mask is not None:
-                scores = scores.masked_fill_(~mask, float("-inf"))
+                scores = torch.where(mask, scores, float("-inf"))  # one op: masked_fill_ needs ~mask first
             y = scores.softmax(dim=-1) @ v
         return y.reshape(B, 1, H * D)  # (B, Hkv, G, D) holds each row's heads side by side
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
@@ -372,12 +372,14 @@ class KVCache:
         self.lengths = [0] * batch_size    # tokens each row holds; rows(i, j) views share the list
         self._rows = slice(0, batch_size)  # which of `lengths` are this cache's rows
         self.slot_ids = torch.arange(slots, device=device)  # slot i's position is i
+        self.row_ids = torch.arange(batch_size, device=device)
         self._by_layer = self.kv.flatten(0, 1)  # (2 * layer, ...): layer i's keys at 2i, its values at 2i + 1
         # This forward's state, set by positions_and_mask:
         self._start: int | None = None     # its first slot when every row has the same length
         self._ends: list[int] = []          # each row's length after it
         self._held: tuple[torch.Tensor, ...] = ()   # per layer, keys then values: the slots it reads (B, Hkv, S, D)
         self._new: tuple[torch.Tensor, ...] = ()    # the same for the slots it writes, when the rows are level
+        self._write_at: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, slots) of one new token per row
         self._views: dict[tuple[int, int], KVCache] = {}
 
     @property
@@ -391,9 +393,10 @@ class KVCache:
         if view is None:
             view = KVCache.__new__(KVCache)
             view.kv, view.lengths, view.slot_ids = self.kv[:, :, first:stop], self.lengths, self.slot_ids
+            view.row_ids = self.row_ids[:stop - first]
             view._rows = slice(self._rows.start + first, self._rows.start + stop)
             view._by_layer = view.kv.flatten(0, 1)
-            view._start, view._ends, view._held, view._new, view._views = None, [], (), (), {}
+            view._start, view._ends, view._held, view._new, view._write_at, view._views = None, [], (), (), None, {}
             self._views[(first, stop)] = view
         return view
 
@@ -417,7 +420,10 @@ class KVCache:
                 return positions, None
             slots = self.slot_ids.narrow(0, 0, end)
             return positions, (slots[None, :] <= positions[:, None])[None, None]
-        positions = torch.tensor(starts, device=self.kv.device)[:, None] + self.slot_ids.narrow(0, 0, T)
+        starts = torch.tensor(starts, device=self.kv.device)
+        positions = starts[:, None] + self.slot_ids.narrow(0, 0, T)
+        # One token per row (a server's step): every layer writes it at the same (row, slot) pairs.
+        self._write_at = (self.row_ids.narrow(0, 0, len(starts)), starts) if T == 1 else None
         slots = self.slot_ids.narrow(0, 0, end)
         return positions, (slots[None, None, :] <= positions[:, :, None]).unsqueeze(1)
 
@@ -428,8 +434,8 @@ class KVCache:
         if self._start is not None:                           # level rows: the same new slots in each
             self._new[2 * layer].copy_(k)
             self._new[2 * layer + 1].copy_(v)
-        elif k.size(2) == 1:                                  # one token per row, each at its slot
-            rows, slots = torch.arange(k.size(0), device=k.device), torch.tensor(self._ends, device=k.device) - 1
+        elif self._write_at is not None:                      # one token per row, each at its slot
+            rows, slots = self._write_at
             keys[rows, :, slots] = k[:, :, 0]
             values[rows, :, slots] = v[:, :, 0]
         else:
