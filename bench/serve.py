@@ -15,9 +15,12 @@ On a machine shared with other work, the wall-clock speedup also measures the ne
 cpu_speedup (CPU time from psutil, summed over the server's process tree) does not.
 
 --baseline-tree DIR also starts the server of another checkout (e.g. `git worktree add /tmp/old
-REV`) on the same model, and alternates every round between the two, so both are measured side
-by side under the same conditions; the report then has "baseline" (the same fields) and "ratio"
-(this tree over the baseline, per level: tokens/s and tokens per server CPU-second).
+REV`) on the same model and measures the two back to back in every round, each going first in
+every other round, so both meet the same conditions; the report then has "baseline" (the same
+fields) and "ratio" (this tree over the baseline, per level: tokens/s and tokens per server
+CPU-second, the median of the rounds' paired ratios and their range). Run enough rounds to read
+a few percent: two servers of the same tree came out up to 8% apart at the default 2 rounds
+(--baseline-tree pointing at a worktree of the same commit).
 
 Tokens are the `usage.completion_tokens` the server reports (a request may end early on a stop
 token). Requests are non-streamed chat completions with max_tokens = --max-tokens, sampled at
@@ -172,8 +175,10 @@ async def round_of(client, clients: int, seconds: float, max_tokens: int, seed_b
             "requests": len(latencies), "failures": failures}
 
 
-async def measure(servers: list[tuple[int, subprocess.Popen]], args) -> list[dict]:
-    """Per server, per level: the medians over rounds; every round visits each server in turn."""
+async def measure(servers: list[tuple[int, subprocess.Popen]], args) -> tuple[list[dict], list[dict]]:
+    """Per server, per level: the medians over rounds; every round visits each server in turn,
+    in the opposite order the next round (whoever goes second meets a warmer or busier machine).
+    Also, per server, per level, every round's result (for the paired ratios)."""
     import httpx
 
     levels = [int(c) for c in args.clients.split(",")]
@@ -185,15 +190,31 @@ async def measure(servers: list[tuple[int, subprocess.Popen]], args) -> list[dic
             await wait_healthy(client, process)
             await round_of(client, max(levels), 2.0, args.max_tokens, 0, process.pid)  # warm-up
         for r in range(args.rounds):
+            order = list(range(len(servers)))[::-1 if r % 2 else 1]
             for c in levels:
-                for i, (client, (_, process)) in enumerate(zip(clients, servers)):
-                    results[i][c].append(await round_of(client, c, args.seconds, args.max_tokens,
-                                                        10_000_000 * (r + 1), process.pid))
+                for i in order:
+                    results[i][c].append(await round_of(clients[i], c, args.seconds, args.max_tokens,
+                                                        10_000_000 * (r + 1), servers[i][1].pid))
     finally:
         for client in clients:
             await client.aclose()
-    return [{c: {key: round(statistics.median(run[key] for run in runs), 2) for key in runs[0]}
-             for c, runs in result.items()} for result in results]
+    medians = [{c: {key: round(statistics.median(run[key] for run in runs), 2) for key in runs[0]}
+                for c, runs in result.items()} for result in results]
+    return medians, results
+
+
+def paired_ratios(ours: dict, baseline: dict) -> dict:
+    """Per level, this tree over the baseline round by round (each pair measured back to back):
+    the median and the range, which is the noise to read any difference against."""
+    report = {}
+    for c in ours:
+        level = {}
+        for key in ("tokens_per_s", "tokens_per_server_cpu_s"):
+            pairs = sorted(a[key] / b[key] for a, b in zip(ours[c], baseline[c]))
+            level[key] = round(statistics.median(pairs), 3)
+            level[f"{key}_range"] = [round(pairs[0], 3), round(pairs[-1], 3)]
+        report[f"clients_{c}"] = level
+    return report
 
 
 def summary(levels: dict) -> dict:
@@ -219,15 +240,14 @@ def main(argv=None) -> dict:
             for tree in trees:
                 port = free_port()
                 servers.append((port, start_server(model, port, args, tree)))
-            measured = asyncio.run(measure(servers, args))
+            measured, rounds = asyncio.run(measure(servers, args))
         finally:
             for _, process in servers:
                 stop_server(process)
     report = summary(measured[0])
     if args.baseline_tree:
         report["baseline"] = {**summary(measured[1]), "tree": str(args.baseline_tree)}
-        report["ratio"] = {f"clients_{c}": {k: round(measured[0][c][k] / measured[1][c][k], 3)
-                                            for k in ("tokens_per_s", "tokens_per_server_cpu_s")} for c in measured[0]}
+        report["ratio"] = paired_ratios(rounds[0], rounds[1])
     report.update(model=args.model or f"random {args.preset} preset", max_tokens=args.max_tokens,
                   seconds_per_round=args.seconds, rounds=args.rounds, max_batch_size=args.max_batch_size,
                   cpus=os.cpu_count(), torch=torch.__version__)

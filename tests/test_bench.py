@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import attention_cost, decode, pretrain  # noqa: E402
+from bench import attention_cost, decode, pretrain, serve  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -50,6 +50,19 @@ def test_decode_bench_compares_sides_that_produce_the_same_tokens(tmp_path):
         assert set(row["cpu_us_per_token"]) == {"ours", "baseline", "hf"}
         assert all(us > 0 for us in row["cpu_us_per_token"].values())
     assert report["dtype"] == "float32" and json.loads(out.read_text()) == report
+
+
+def test_serve_bench_ratios_pair_each_round_and_show_their_spread():
+    # Round by round, this tree over the baseline: the median of the pairs and their range.
+    ours = {8: [{"tokens_per_s": 110.0, "tokens_per_server_cpu_s": 50.0},
+                {"tokens_per_s": 90.0, "tokens_per_server_cpu_s": 45.0},
+                {"tokens_per_s": 200.0, "tokens_per_server_cpu_s": 60.0}]}
+    baseline = {8: [{"tokens_per_s": 100.0, "tokens_per_server_cpu_s": 50.0},
+                    {"tokens_per_s": 100.0, "tokens_per_server_cpu_s": 50.0},
+                    {"tokens_per_s": 160.0, "tokens_per_server_cpu_s": 50.0}]}
+    ratio = serve.paired_ratios(ours, baseline)["clients_8"]
+    assert ratio["tokens_per_s"] == 1.1 and ratio["tokens_per_s_range"] == [0.9, 1.25]
+    assert ratio["tokens_per_server_cpu_s"] == 1.0 and ratio["tokens_per_server_cpu_s_range"] == [0.9, 1.2]
 
 
 def test_attention_cost_bench_finds_the_explicit_path_quadratic_in_memory_and_out_of_it_first(tmp_path):
