@@ -105,7 +105,8 @@ class DecodingLinear(nn.Module):
 def for_decoding(model: GPT) -> GPT:
     """The model in eval mode with every linear layer a DecodingLinear and every module called
     straight through its forward (see _called_directly): a copy of its modules sharing all its
-    parameters, so the model itself stays trainable. Idempotent."""
+    parameters, so the model itself stays trainable. The copy only decodes: its modules are
+    DirectModules, not nn.Modules (no .to(), no state_dict). Idempotent."""
     if getattr(model, "decoding", False):
         return model
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
@@ -120,7 +121,7 @@ def for_decoding(model: GPT) -> GPT:
                 setattr(module, name, nn.Identity())
         if isinstance(module, MLP) and module.kind == "gelu":
             module.kind = "gelu in fc"
-    for module in fast.modules():
+    for module in list(fast.modules()):
         _called_directly(module)
     fast.decoding = True
     return fast
@@ -133,22 +134,44 @@ _ATEN_FORWARD = {
     nn.RMSNorm: lambda self, x: torch.rms_norm(x, self.normalized_shape, self.weight, self.eps),
     nn.Embedding: lambda self, ids: torch.embedding(self.weight, ids),
 }
+
+
+class DirectModule:
+    """What a module of the decoding copy keeps of nn.Module: a walk over it and its children."""
+
+    def modules(self) -> Iterator[DirectModule]:
+        yield self
+        for child in self._modules.values():
+            yield from child.modules()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(decoding)"
+
+
 _DIRECT_CLASSES: dict[type, type] = {}
+_NOT_COPIED = {"__dict__", "__weakref__", "__repr__", "__call__", "modules"}
 
 
 def _called_directly(module: nn.Module) -> None:
-    """`module(...)` runs its forward and nothing else, and its parameters, buffers and child
-    modules become plain attributes. A decoding step of a small model calls some forty modules,
-    and nn.Module's call (hook dispatch: two Python frames) and attribute lookup (a failed
-    lookup, then __getattr__) cost about as much as their kernels (bench/decode.py). The
-    decoding copy has no hooks, and its modules stay as for_decoding built them."""
+    """`module(...)` runs its forward and nothing else: the module becomes an instance of a plain
+    class (a DirectModule with its own class's methods, not an nn.Module), and its parameters,
+    buffers and child modules become plain attributes. A decoding step of a small model calls
+    some forty modules and reads their attributes hundreds of times; nn.Module's call (hook
+    dispatch: two Python frames) and its __getattr__ (which also keeps Python from specialising
+    any attribute read on the object) cost about as much as the kernels at batch 1
+    (bench/decode.py). The decoding copy has no hooks, and its modules stay as for_decoding
+    built them."""
     cls = type(module)
     if cls not in _DIRECT_CLASSES:
-        call = _ATEN_FORWARD.get(cls, cls.forward)
-        _DIRECT_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": call, "__module__": cls.__module__,
-                                                           "__qualname__": cls.__qualname__})
-    module.__class__ = _DIRECT_CLASSES[cls]
+        methods = {}
+        for base in reversed(cls.__mro__):  # the class's own methods and its torch bases', not nn.Module's
+            if issubclass(base, nn.Module) and base is not nn.Module:
+                methods.update({name: value for name, value in vars(base).items() if name not in _NOT_COPIED})
+        _DIRECT_CLASSES[cls] = type(cls.__name__, (DirectModule,), {
+            **methods, "__call__": _ATEN_FORWARD.get(cls, cls.forward),
+            "__module__": cls.__module__, "__qualname__": cls.__qualname__})
     module.__dict__.update({**module._parameters, **module._buffers, **module._modules})
+    module.__class__ = _DIRECT_CLASSES[cls]
 
 
 # --- sampling -----------------------------------------------------------------------------------
