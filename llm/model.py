@@ -372,7 +372,7 @@ class KVCache:
         self.lengths = [0] * batch_size    # tokens each row holds; rows(i, j) views share the list
         self._rows = slice(0, batch_size)  # which of `lengths` are this cache's rows
         self.slot_ids = torch.arange(slots, device=device)  # slot i's position is i
-        self.row_ids = torch.arange(batch_size, device=device)
+        self.row_ids = torch.arange(batch_size, device=device)  # one id per row of this cache (or view)
         self._by_layer = self.kv.flatten(0, 1)  # (2 * layer, ...): layer i's keys at 2i, its values at 2i + 1
         # This forward's state, set by positions_and_mask:
         self._start: int | None = None     # its first slot when every row has the same length
@@ -423,7 +423,7 @@ class KVCache:
         starts = torch.tensor(starts, device=self.kv.device)
         positions = starts[:, None] + self.slot_ids.narrow(0, 0, T)
         # One token per row (a server's step): every layer writes it at the same (row, slot) pairs.
-        self._write_at = (self.row_ids.narrow(0, 0, len(starts)), starts) if T == 1 else None
+        self._write_at = (self.row_ids, starts) if T == 1 else None
         slots = self.slot_ids.narrow(0, 0, end)
         return positions, (slots[None, None, :] <= positions[:, :, None]).unsqueeze(1)
 
