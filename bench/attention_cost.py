@@ -34,8 +34,6 @@ Prints one JSON line: {"bench": "attention_cost", "rows": [{"path", "length", "m
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import math
 import multiprocessing
 import resource
@@ -50,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.report import context, emit  # noqa: E402
+from llm.allocator import return_freed_memory  # noqa: E402
 from llm.model import Attention, ModelConfig  # noqa: E402
 
 PATHS = ("explicit", "sdpa")
@@ -114,18 +113,9 @@ def _is_out_of_memory(err: BaseException) -> bool:
         or "out of memory" in text
 
 
-def _exact_malloc() -> None:
-    """Make every allocation of 64 KiB or more its own mapping, returned to the system when freed.
-    glibc otherwise raises that threshold after the first large free and serves later tensors from
-    its heap, whose freed holes inflate the peak this bench reads (by up to 2x at a few MB)."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    M_MMAP_THRESHOLD = -3
-    libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
-
-
 def measure_cpu(args, path: str, T: int) -> dict:
     """In this (fresh) process: time and peak resident memory of the forward, under the cap."""
-    _exact_malloc()
+    return_freed_memory()   # the peak read is then what was live, not the heap's high-water mark
     layer, x = _layer_and_input(args, T, torch.device("cpu"))
     with torch.no_grad():
         _forward(layer, x[:, :16], path)      # start the thread pool before the limit is set

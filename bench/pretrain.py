@@ -1,25 +1,30 @@
-"""Pretraining speed: tokens/s and MFU of the real training loop (llm.train.train), one process.
+"""Pretraining speed: tokens/s, MFU and matmul_fraction of the real training loop (llm.train.train).
 
-Trains the `gpt2-124m` preset (or --preset) for --steps optimizer updates on synthetic tokens
-(uniform random ids: the speed of a step does not depend on what the tokens say) or on a packed
-token file from the pack stage (--tokens data/pack/tokens/train.bin), with the very loop the
-pretrain stage uses, and prints one JSON line:
+By default it measures what the pretrain stage runs: params.yaml's `pretrain` model (vocabulary:
+the tokenizer's `vocab_size`), batch size, optimizer and learning rate; any of them can be
+overridden (--preset, --batch-size, --optimizer ...). It trains --steps optimizer updates on
+synthetic tokens (uniform random ids: the speed of a step does not depend on what the tokens say)
+or on a packed token file from the pack stage (--tokens data/pack/tokens/train.bin), with the very
+loop the pretrain stage uses, and prints one JSON line:
 
-    {"bench": "pretrain", "date": ..., "device_name": "NVIDIA H100 80GB HBM3", "batch_size": 16,
-     "seq_len": 1024, "tokens_per_s": ..., "mfu": ..., "peak_memory_gb": ..., "compile_s": ..., ...}
+    {"bench": "pretrain", "date": ..., "device_name": "AMD EPYC (2 torch threads)", "optimizer": "muon",
+     "batch_size": 16, "seq_len": 256, "tokens_per_s": ..., "matmul_fraction": ..., "mfu": ..., ...}
 
 tokens_per_s: the median over the updates after --warmup of the loop's own per-update figure
 (what on_step reports: tokens of the update / its wall time, which ends with the update's one
-wait for the device). mfu: tokens_per_s * llm.model.flops_per_token (6N + attention) / the GPU's
-dense bf16 peak from llm.device.PEAK_BF16_FLOPS; null, with a note, on a CPU or a GPU that table
-does not know. peak_memory_gb: torch.cuda.max_memory_allocated on a GPU, the process's peak RSS
-on a CPU. compile_s: the first update's time minus the median update's (compilation, autotuning
-and CUDA start-up), with --compile. --out FILE also saves the JSON (bench/results/ keeps them).
+wait for the device). matmul_fraction: tokens_per_s * llm.model.flops_per_token (6N + attention)
+/ the rate of one matmul of the model's own MLP shape (batch x seq rows, d_model -> 4 d_model), in
+the forward's precision, measured in the same process right after training: how close training
+runs to the speed of the machine's matmuls (a CPU's MFU). mfu: the same against the GPU's dense
+bf16 datasheet peak (llm.device.PEAK_BF16_FLOPS); null, with a note, on a CPU or an unknown GPU.
+peak_memory_gb: torch.cuda.max_memory_allocated on a GPU, the process's peak RSS on a CPU.
+compile_s: the first update's time minus the median update's, with --compile. --out FILE also
+saves the JSON (bench/results/ keeps them).
 
-    .venv/bin/python bench/pretrain.py                                   # on a GPU: gpt2-124m, B16 x T1024
-    .venv/bin/python bench/pretrain.py --batch-size 64 --out bench/results/h100-gpt2-124m-b64.json
-    .venv/bin/python bench/pretrain.py --preset tiny --steps 10          # a quick check on a CPU
-    .venv/bin/python bench/pretrain.py --vocab-size 50304                # GPT-2's vocabulary padded to 128s
+    .venv/bin/python bench/pretrain.py                                   # the pipeline's own run (CPU: tiny, Muon)
+    .venv/bin/python bench/pretrain.py --optimizer adamw                 # the same with AdamW
+    LLM_KEEP_FREED_MEMORY=0 .venv/bin/python bench/pretrain.py           # glibc's default allocator behaviour
+    .venv/bin/python bench/pretrain.py --preset gpt2-124m --optimizer adamw --batch-size 16 --vocab-size 50257
 """
 
 from __future__ import annotations
@@ -39,26 +44,33 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.report import context, device_name, emit  # noqa: E402
+from flows.params import load_params  # noqa: E402
+from llm.allocator import keep_freed_memory  # noqa: E402
 from llm.data import TokenDataset, read_meta  # noqa: E402
-from llm.device import model_flops_utilisation, peak_flops, resolve_device, resolve_dtype  # noqa: E402
+from llm.device import matmul_flops, model_flops_utilisation, peak_flops, resolve_device, resolve_dtype  # noqa: E402
 from llm.model import GPT, PRESETS, ModelConfig, flops_per_token, num_params  # noqa: E402
-from llm.train import TrainConfig, accumulation_steps, train  # noqa: E402
+from llm.optim import OPTIMIZERS  # noqa: E402
+from llm.train import accumulation_steps, train  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="gpt2-124m", choices=sorted(PRESETS), help="model preset (default: gpt2-124m)")
+    p.add_argument("--params", default=str(ROOT / "params.yaml"), help="the pipeline's params (default: params.yaml)")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="model preset (default: the params' pretrain.model, with its overrides)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help="default: the params' pretrain.train.optimizer")
     p.add_argument("--steps", type=int, default=50, help="optimizer updates to run (default: 50)")
     p.add_argument("--warmup", type=int, default=5,
                    help="first updates left out of the median (compilation, allocator warm-up; default: 5)")
-    p.add_argument("--batch-size", type=int, default=16, help="rows per micro-batch (default: 16)")
+    p.add_argument("--batch-size", type=int, help="rows per micro-batch (default: the params' pretrain.train.batch_size)")
     p.add_argument("--seq-len", type=int, default=0, help="tokens per row (default: the model's context_length)")
     p.add_argument("--tokens-per-step", type=int, default=0,
                    help="tokens per update; more than one micro-batch accumulates gradients (default: 0 = one)")
     p.add_argument("--tokens", metavar="FILE", help="a packed token file (the pack stage's train.bin) instead of "
                    "synthetic tokens; the model's vocabulary becomes the file's unless --vocab-size")
     p.add_argument("--vocab-size", type=int, default=0,
-                   help="override the preset's vocabulary, e.g. 50304 (GPT-2's 50257 padded to a multiple of 128)")
+                   help="the model's vocabulary, e.g. 50304 (GPT-2's 50257 padded to a multiple of 128); default: "
+                        "the params' pretrain.model.vocab_size or tokenizer.vocab_size")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA, off elsewhere)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
@@ -94,26 +106,34 @@ def main(argv=None) -> dict:
     device = resolve_device(args.device)
     compile_model = device.type == "cuda" if args.compile is None else args.compile
 
-    overrides = {}
+    params = load_params(args.params)
+    pipeline_train = params.pretrain.train
+    if args.preset:
+        model_config = ModelConfig.from_preset(args.preset)
+    else:
+        model_config = params.pretrain.model.build()
+        model_config.vocab_size = params.pretrain.model.vocab_size or params.tokenizer.vocab_size
     if args.tokens:
-        overrides["vocab_size"] = read_meta(args.tokens)["vocab_size"]
+        model_config.vocab_size = read_meta(args.tokens)["vocab_size"]
     if args.vocab_size:
-        overrides["vocab_size"] = args.vocab_size
-    model_config = ModelConfig.from_preset(args.preset, **overrides)
+        model_config.vocab_size = args.vocab_size
     seq_len = args.seq_len or model_config.context_length
+    batch_size = args.batch_size or pipeline_train.batch_size
     if args.tokens:
-        data = TokenDataset(args.tokens, seq_len, args.batch_size, seed=args.seed)
+        data = TokenDataset(args.tokens, seq_len, batch_size, seed=args.seed)
         if data.meta["vocab_size"] > model_config.vocab_size:
             sys.exit(f"error: {args.tokens} holds ids up to {data.meta['vocab_size'] - 1}; --vocab-size "
                      f"{model_config.vocab_size} is too small")
     else:
-        data = SyntheticTokens(model_config.vocab_size, seq_len, args.batch_size, seed=args.seed)
+        data = SyntheticTokens(model_config.vocab_size, seq_len, batch_size, seed=args.seed)
 
-    config = TrainConfig(lr=6e-4, min_lr=6e-5, warmup_steps=min(10, args.steps), max_steps=args.steps,
-                         batch_size=args.batch_size, tokens_per_step=args.tokens_per_step, eval_every=0,
-                         checkpoint_every=0, keep_checkpoints=1, resume="never", compile=compile_model,
-                         device=args.device, dtype=args.dtype, threads=args.threads, seed=args.seed,
-                         sample_tokens=0, progress=False)
+    # The pipeline's schedule and optimizer settings, shortened to --steps, with no evaluation,
+    # checkpoints or samples in the timed loop.
+    config = pipeline_train.build(
+        warmup_steps=min(pipeline_train.warmup_steps, args.steps), max_steps=args.steps, batch_size=batch_size,
+        tokens_per_step=args.tokens_per_step, optimizer=args.optimizer or pipeline_train.optimizer, eval_every=0,
+        checkpoint_every=0, keep_checkpoints=1, resume="never", compile=compile_model, device=args.device,
+        dtype=args.dtype, threads=args.threads, seed=args.seed, sample_tokens=0, progress=False)
     torch.manual_seed(args.seed)
     model = GPT(model_config)
     flops = flops_per_token(model_config, seq_len)
@@ -130,6 +150,10 @@ def main(argv=None) -> dict:
     tokens_per_s = statistics.median(measured)
     step_s = [result.tokens_per_step / m["tokens_per_s"] for _, m in steps]
     median_step_s = statistics.median(step_s[args.warmup:])
+    # The reference, in the same process and precision: one matmul of the model's MLP shape.
+    dtype = resolve_dtype(args.dtype, device)
+    matmul_shape = (batch_size * seq_len, model_config.d_model, 4 * model_config.d_model)
+    matmul_rate = matmul_flops(dtype, device, matmul_shape, seconds=1.0)
     peak = peak_flops(device)
     mfu = model_flops_utilisation(tokens_per_s, flops, peak)
     if device.type == "cuda":
@@ -145,15 +169,17 @@ def main(argv=None) -> dict:
 
     report = {
         **context("pretrain", device, "bench/pretrain.py", argv),
-        "preset": args.preset,
+        "preset": args.preset or params.pretrain.model.preset,
+        "optimizer": config.optimizer,
+        "keep_freed_memory": keep_freed_memory(),
         "parameters": num_params(model),
         "vocab_size": model_config.vocab_size,
         "data": args.tokens or "synthetic",
-        "batch_size": args.batch_size,
+        "batch_size": batch_size,
         "seq_len": seq_len,
         "accumulation": accumulation_steps(config, seq_len),
         "tokens_per_step": result.tokens_per_step,
-        "dtype": str(resolve_dtype(args.dtype, device)).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."),
         "compile": compile_model,
         "steps": args.steps,
         "warmup_steps": args.warmup,
@@ -163,6 +189,9 @@ def main(argv=None) -> dict:
         "tokens_per_s_max": round(max(measured), 1),
         "step_ms_median": round(1000 * median_step_s, 2),
         "flops_per_token": flops,
+        "matmul_shape": list(matmul_shape),
+        "matmul_flops": round(matmul_rate),
+        "matmul_fraction": round(tokens_per_s * flops / matmul_rate, 4),
         "peak_flops": peak,
         "mfu": round(mfu, 4) if mfu is not None else None,
         "peak_memory_gb": round(memory / 2**30, 3),

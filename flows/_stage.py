@@ -117,6 +117,10 @@ class Stage:
         mlflow.log_metrics({metric_name(f"{prefix}.{k}" if prefix else k): float(v) for k, v in numbers.items()},
                            step=step)
 
+    def log_params(self, values: dict, prefix: str) -> None:
+        """Log facts about the run that are not knobs (the machine it ran on) as `prefix.key` params."""
+        mlflow.log_params(flatten(values, prefix))
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Log a file, or a folder's files (under artifact_path)."""
         (mlflow.log_artifacts if Path(path).is_dir() else mlflow.log_artifact)(str(path), artifact_path)

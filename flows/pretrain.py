@@ -56,6 +56,7 @@ from flows.params import Params
 from llm import distributed
 from llm.checkpoint import WEIGHTS_FILE, CheckpointMismatch, load_weights, save_model_dir
 from llm.data import TokenDataset, unigram_loss
+from llm.device import describe, resolve_device
 from llm.files import atomic_dir
 from llm.generate import generate
 from llm.model import GPT, ModelConfig, num_params
@@ -200,6 +201,9 @@ def pretrain_flow(params: Params, node_rank: int = 0) -> dict:
                  "writes sharded checkpoints, which several processes can resume")
 
     with stage_run("pretrain", params, system_metrics=True) as stage:
+        machine = describe(resolve_device(train_config.device))   # the precisions and matmul rates of this run
+        stage.log_params(machine, "machine")
+        log.info("machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()))
         snapshot(snapshots, model, 0, None, stage.log_metrics, log.info)   # the untrained model
         if devices > 1 or p.nodes > 1 or os.environ.get(FORCE_TORCHRUN_ENV) == "1":
             # Multi-device: torchrun processes train; rank 0 writes curves, metrics, checkpoints.

@@ -60,7 +60,16 @@ from llm.checkpoint import (
     seed_everything,
 )
 from llm.data import TokenDataset
-from llm.device import DEVICES, DTYPES, autocast, model_flops_utilisation, peak_flops, resolve_device, resolve_dtype
+from llm.device import (
+    DEVICES,
+    DTYPES,
+    autocast,
+    model_flops_utilisation,
+    peak_flops,
+    precision_note,
+    resolve_device,
+    resolve_dtype,
+)
 from llm.diagnose import Diagnosis, diagnose
 from llm.distributed import SHARDINGS, SINGLE, Dist
 from llm.model import flops_per_token
@@ -468,6 +477,9 @@ def _prepare(model: nn.Module, train_data: Batches, config: TrainConfig, out_dir
               "checkpoints written sharded (dcp/) so that any number of processes can resume them")
     optimizer = optim.make_optimizer(model, config.optimizer, lr_of(0, config), config.weight_decay, config.betas,
                                      device)
+    note = precision_note(device, dtype)
+    if note and where.is_main and config.progress:
+        print(note)
     checkpoints = out_dir / CHECKPOINTS_DIR
     run = _Run(model=model, forward=ddp or model, optimizer=optimizer, config=config, device=device, dtype=dtype,
                accumulation=accumulation_steps(config, train_data.seq_len, where.world_size),

@@ -29,6 +29,10 @@ def test_pretrain_bench_trains_with_the_real_loop_and_keeps_its_report(tmp_path)
     assert report["accumulation"] == 2 and report["tokens_per_step"] == 128
     assert report["tokens_per_s"] > 0 and report["step_ms_median"] > 0
     assert report["first_loss"] == pytest.approx(9.01, abs=0.3)  # ln(8192): random tokens, random model
+    assert report["optimizer"] == "muon"                          # params.yaml's, as the pipeline trains
+    assert report["matmul_shape"] == [2 * 32, 256, 1024] and report["matmul_flops"] > 0
+    assert report["matmul_fraction"] == pytest.approx(
+        report["tokens_per_s"] * report["flops_per_token"] / report["matmul_flops"], rel=1e-3)
     # No GPU: no MFU, and the report says why instead of guessing a peak.
     assert report["mfu"] is None and "CUDA" in report["note"]
     assert report["command"].endswith("--out " + str(out))

@@ -93,9 +93,16 @@ def test_training_everything_with_last_token_pooling_learns_the_rule(tokenizer, 
     assert metrics["accuracy"] >= 0.97 and metrics["f1"] >= 0.95
     assert len(evals) == 8 and {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_f1"} <= set(evals[0])
     assert result.tokens_per_s > 0 and result.truncated == {"train": 0, "val": 0}
-    labels, probabilities = result.classifier.predict(["win a free prize now", "see you at lunch mom"])
+    # Texts of the training distribution's own words: a text with words the model never saw ("see
+    # you at lunch") is extrapolation, which the SIMD kernels' rounding decided (spam on AVX2 only).
+    labels, probabilities = result.classifier.predict(["free prize cash claim now", "see you tonight mom"])
     assert labels == ["spam", "ham"]
-    assert all(abs(sum(p) - 1) < 1e-5 for p in probabilities) and probabilities[0][1] > 0.5
+    assert all(abs(sum(p) - 1) < 1e-5 for p in probabilities)
+    assert probabilities[0][1] > 0.9 and probabilities[1][1] < 0.1   # measured: 0.995+ and 0.01- (AVX2 and plain)
+    # predict's labels are the ones evaluate scored.
+    predicted, _ = result.classifier.predict(test.texts)
+    hits = sum(LABELS.index(label) == y for label, y in zip(predicted, test.labels))
+    assert hits / len(test.labels) == pytest.approx(metrics["accuracy"])
 
 
 @pytest.mark.parametrize("mode, trained", [("last_blocks", "blocks.1."), ("lora", "lora_")])

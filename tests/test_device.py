@@ -1,10 +1,16 @@
-"""llm.device: resolving the device and the autocast dtype, and the GPU peak FLOP/s table."""
+"""llm.device: resolving the device and the autocast dtype, native bf16, the measured matmul rate,
+python -m llm.device, and the GPU peak FLOP/s table."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from llm import device as devices
 from llm.device import autocast, model_flops_utilisation, peak_flops_of, resolve_device, resolve_dtype
 
 
@@ -39,3 +45,34 @@ def test_peak_flops_table_knows_common_gpus_and_does_not_guess(name, peak):
 def test_mfu_is_the_share_of_the_peak_and_unknown_without_one():
     assert model_flops_utilisation(1000.0, 6 * 10**9, 12e12) == pytest.approx(0.5)
     assert model_flops_utilisation(1000.0, 6 * 10**9, None) is None
+
+
+def test_native_bf16_needs_the_instructions_and_kernels_allowed_to_use_them(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(devices, "cpu_capability", lambda: "AVX512")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert devices.native_bf16(cpu) and devices.matmul_dtype(cpu) == torch.bfloat16
+    assert devices.precision_note(cpu, torch.bfloat16) is None
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not devices.native_bf16(cpu) and devices.matmul_dtype(cpu) == torch.float32
+    assert "no native bf16" in devices.precision_note(cpu, torch.float32)
+    assert "~100x slower" in devices.precision_note(cpu, torch.bfloat16)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not devices.native_bf16(cpu)
+
+
+def test_matmul_rate_is_measured_and_plausible():
+    rate = devices.matmul_flops(torch.float32, torch.device("cpu"), shape=(256, 128, 256), seconds=0.05)
+    assert 1e8 < rate < 1e14
+
+
+def test_python_m_llm_device_prints_the_machine():
+    out = subprocess.run([sys.executable, "-m", "llm.device", "--json"], capture_output=True, text=True, check=True)
+    facts = json.loads(out.stdout)
+    assert facts["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert facts["native_bf16"] == devices.native_bf16(torch.device(facts["device"]))
+    assert facts["matmul_float32_gflops"] > 0 and facts["matmul_bfloat16_gflops"] > 0
+    assert facts["newton_schulz_dtype"] == ("bfloat16" if facts["native_bf16"] else "float32")
