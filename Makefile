@@ -28,9 +28,13 @@ $(STAMP): pyproject.toml
 run: setup       ## run the whole pipeline (dvc repro) against a local Prefect server
 	$(PY) -m flows.pipeline
 
-test: setup $(CHROMIUM)  ## lint (ruff), then run the test suite
+# Test workers (pytest-xdist), each taking a whole test file: the long end-to-end files run side by
+# side, and one file's tests wait on servers and subprocesses while the other's compute. 0: one process.
+TEST_WORKERS ?= 2
+
+test: setup $(CHROMIUM)  ## lint (ruff), then run the test suite (TEST_WORKERS=0: in one process)
 	$(VENV)/bin/ruff check .
-	CHROMIUM=$(CHROMIUM) $(PY) -m pytest $(PYTEST_ARGS)
+	CHROMIUM=$(CHROMIUM) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 $(CHROMIUM):
 	@command -v apt-get >/dev/null || { echo "no apt-get: install Chromium and run make test CHROMIUM=/path/to/it"; exit 1; }

@@ -19,11 +19,11 @@ is everything else (gradients and optimizer state, 3x the weights with AdamW). A
 weights alone outgrow a GPU would be built on the meta device and each shard initialised.
 
 Muon (llm.optim) needs a whole matrix: Newton-Schulz orthogonalises the matrix, not its rows.
-torch.optim.Muon runs unchanged on the sharded matrices (DTensors): each matrix product of the
-iteration is a DTensor operation, which gathers what it needs, so the update is the whole
-matrix's, as on one device. (The iteration runs in bf16, so the update differs from one device's
-by bf16 rounding: a gradient changed by one part in a million moves Muon's weights as much; the
-tests compare sharded Muon to one device with that tolerance, and AdamW tightly.)
+It runs unchanged on the sharded matrices (DTensors): each matrix product of the iteration is a
+DTensor operation, which gathers what it needs, so the update is the whole matrix's, as on one
+device. (Five rounds of matrix products amplify rounding, more so in bf16, the iteration's
+precision on a GPU: a gradient changed by one part in a million moves Muon's weights by far more;
+the tests compare sharded Muon to one device with that tolerance, and AdamW tightly.)
 
 A sharded checkpoint is an ordinary checkpoint folder (llm.checkpoint) whose optimizer state
 lives in `dcp/` instead of train_state.pt:

@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -115,7 +116,10 @@ def stage_env(repo: Path, **extra: str) -> dict:
 
 def run(command: list[str], cwd: Path, env: dict | None = None, check: bool = True,
         timeout: float = 600) -> subprocess.CompletedProcess:
+    began = time.monotonic()
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    # Shown with a failure (and with -s): which command of a long end-to-end test took the time.
+    print(f"[{time.monotonic() - began:6.1f} s] {' '.join(Path(c).name if i == 0 else c for i, c in enumerate(command))}")
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n"
                              f"--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-4000:]}")
@@ -124,3 +128,14 @@ def run(command: list[str], cwd: Path, env: dict | None = None, check: bool = Tr
 
 def dvc(repo: Path, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     return run([str(VENV_BIN / "dvc"), *args], repo, env or stage_env(repo), check=check)
+
+
+# The longest files first (pytest --durations on 2 cores): with two workers (make test) they then
+# run beside each other and the short ones fill in after, instead of one long file ending the run alone.
+LONGEST_FIRST = ("test_pipeline.py", "test_experiments.py", "test_workers.py", "test_download_stage.py",
+                 "test_distributed.py", "test_scale_out.py", "test_serving.py", "test_judge_server.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: each file keeps its order

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import subprocess
 import sys
 import tempfile
@@ -70,6 +71,13 @@ def judge_gguf(request, tmp_path_factory) -> Path:
     """The verified default judge model, downloaded and assembled on first use, then reused."""
     cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
     folder = Path(cache.mkdir("judge")) if cache else tmp_path_factory.mktemp("judge")
+    # make test runs two pytest workers (xdist) that share the cache: one fetches, the other waits.
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _fetched(folder)
+
+
+def _fetched(folder: Path) -> Path:
     gguf = folder / GGUF_NAME
     if gguf.is_file() and sha256_file(gguf) == GGUF_SHA256:
         return gguf

@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -68,6 +69,11 @@ def test_tiny_pipeline_end_to_end(pipeline_repo, prefect_api, judge_gguf, tmp_pa
     [version] = client.search_model_versions("name = 'testllm-base'")
     assert version.run_id == client.search_runs(
         [client.get_experiment_by_name("tests").experiment_id], "tags.`llm.stage` = 'pretrain'")[0].info.run_id
+    # The machine it trained on, with the precisions it chose there (llm.device).
+    machine = client.get_run(version.run_id).data.params
+    assert machine["machine.cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert machine["machine.newton_schulz_dtype"] == ("bfloat16" if machine["machine.native_bf16"] == "True" else "float32")
+    assert float(machine["machine.matmul_float32_gflops"]) > 0
     assert "val_loss" in dvc(repo, "plots", "show", "--json", env=env).stdout
     assert 0 < pretrain["unigram_val_loss"] < math.log(400)  # frequencies beat uniform guessing
     # bits per byte: the val loss in bits, times the val text's tokens per byte (as the pack stage counted them)
