@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from bench.report import context, emit  # noqa: E402
 from llm.device import matmul_dtype, resolve_device  # noqa: E402
 from llm.model import GPT, PRESETS, ModelConfig  # noqa: E402
-from llm.optim import Muon  # noqa: E402
+from llm.optim import Muon, make_optimizer  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -42,21 +42,20 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def step_seconds(config: ModelConfig, make_muon, batch: tuple[torch.Tensor, torch.Tensor], steps: int,
+def step_seconds(config: ModelConfig, muon_of, batch: tuple[torch.Tensor, torch.Tensor], steps: int,
                  device: torch.device) -> list[float]:
-    """Muon on the blocks' matrices, AdamW on the rest, as llm.optim.make_optimizer splits them."""
+    """make_optimizer's Muon and AdamW split, with the Muon side `muon_of(its parameters)`."""
     torch.manual_seed(0)
     model = GPT(config).to(device)
-    matrices = [p for p in model.blocks.parameters() if p.dim() == 2]
-    in_muon = {id(p) for p in matrices}
-    optimizers = [make_muon(matrices), torch.optim.AdamW([p for p in model.parameters() if id(p) not in in_muon])]
+    optimizer = make_optimizer(model, "muon", 1e-3, 0.1, (0.9, 0.95), device)
+    ours = optimizer.optimizers["muon"]
+    optimizer.optimizers["muon"] = muon_of([p for group in ours.param_groups for p in group["params"]])
     times = []
     for _ in range(steps):
         began = time.perf_counter()
         model(*batch[:1], targets=batch[1]).loss.backward()
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad()
+        optimizer.step()
+        optimizer.zero_grad()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - began)

@@ -92,7 +92,13 @@ def test_newton_schulz_runs_in_float32_without_native_bf16_and_in_bf16_with_it(m
     actually orthogonalises in."""
     seen = []
     real = optim.newton_schulz
-    monkeypatch.setattr(optim, "newton_schulz", lambda *a, **k: seen.append(real(*a, **k).dtype) or real(*a, **k))
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(optim, "newton_schulz", spy)
 
     def dtype_of_one_step() -> torch.dtype:
         model = GPT(tiny_model_config())
